@@ -1,0 +1,3 @@
+from seal.cli import main
+
+raise SystemExit(main())
