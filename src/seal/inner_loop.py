@@ -1,0 +1,282 @@
+"""The inner loop: apply a self-edit to the base model and score it — the reward.
+
+    (base model, passage, self-edit)
+      -> training sequences (the paper's splitting rules)
+      -> a fresh LoRA adapter, fine-tuned on them
+      -> closed-book answers to the passage's questions
+      -> grades -> reward
+
+Up to `capacity` inner loops run at once: their adapters are trained in the same batched
+passes (see lora.py) and answer in the same batched generation. The base model is loaded once
+and never written; its own answers are computed once per passage and cached.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from seal import grading
+from seal.domains.knowledge import Passage, answer_prompt_text
+from seal.generation import SamplingParams, decode, generate
+from seal.lora import ALL_LINEAR, LoRASpec, MultiLoRA
+from seal.training import AdapterJob, TrainHP, text_example, train_adapters
+
+
+@dataclass
+class InnerLoopConfig:
+    """How one self-edit is applied and scored (defaults: the paper's knowledge inner loop)."""
+
+    r: int = 32
+    alpha: float = 64.0
+    target_modules: tuple[str, ...] = ALL_LINEAR
+    lr: float = 1e-3
+    epochs: int = 10
+    batch_size: int = 1
+    schedule: str = "linear"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    max_seq_len: int = 2048
+    max_new_tokens: int = 64
+    chat: bool = True  # answer in the model's chat template (better for small instruct models)
+    include_passage: bool = True  # the passage itself is one more training sequence
+    reward_metric: str = "strict"  # em | f1 | contains | strict | judge
+    capacity: int = 0  # adapters trained at once; 0 = chosen from available memory
+    answer_batch_size: int = 64
+
+    def train_hp(self) -> TrainHP:
+        return TrainHP(
+            lr=self.lr,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            schedule=self.schedule,
+            warmup_ratio=self.warmup_ratio,
+            weight_decay=self.weight_decay,
+            max_grad_norm=self.max_grad_norm,
+            max_seq_len=self.max_seq_len,
+        )
+
+    def lora_spec(self) -> LoRASpec:
+        return LoRASpec(r=self.r, alpha=self.alpha, target_modules=tuple(self.target_modules))
+
+
+@dataclass
+class KnowledgeJob:
+    """One inner loop: adapt on `texts`, then answer every question of `passages`.
+
+    One passage for the single-passage setting; N for continued pretraining. Empty `texts`
+    means no adaptation (the base model answers)."""
+
+    key: str
+    passages: list[Passage]
+    texts: list[str]
+    seed: int = 0
+
+
+@dataclass
+class InnerLoopResult:
+    key: str
+    reward: float | None
+    answers: list[str]
+    grades: list[dict]
+    metrics: dict[str, float | None]
+    n_sequences: int
+    train_tokens: int
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def auto_capacity(
+    model, spec: LoRASpec, max_tokens: int, device: torch.device, limit: int = 16
+) -> int:
+    """Adapters to train at once: as many as fit in half the free memory, at most `limit`.
+
+    Per adapter: fp32 weights, gradients and two AdamW moments (16 bytes a parameter), plus
+    the activations of one row of `max_tokens` tokens kept for the backward pass."""
+    cfg = model.config
+    hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
+    inter = getattr(cfg, "intermediate_size", 4 * hidden)
+    per_param = 16 * spec.r * layers * (4 * 2 * hidden + 3 * (hidden + inter))
+    act = max_tokens * layers * (12 * hidden + 3 * inter) * 2 + max_tokens * cfg.vocab_size * 8
+    k = int(0.5 * available_memory_bytes(device) // (per_param + act))
+    return max(1, min(limit, k))
+
+
+class InnerLoop:
+    """Runs knowledge inner loops on one loaded model, `capacity` at a time."""
+
+    def __init__(self, lm, cfg: InnerLoopConfig, judge=None):
+        self.lm, self.cfg, self.judge = lm, cfg, judge
+        if cfg.reward_metric not in grading.METRICS:
+            raise ValueError(f"reward_metric must be one of {grading.METRICS}")
+        if cfg.reward_metric == "judge" and judge is None:
+            raise ValueError("reward_metric 'judge' needs a judge endpoint")
+        self.capacity = cfg.capacity or auto_capacity(
+            lm.model, cfg.lora_spec(), min(cfg.max_seq_len, 512), lm.device
+        )
+        self.lora: MultiLoRA | None = None
+        self._base_answers: dict[tuple[str, int], str] = {}
+
+    # -- the adapters live as long as this object (nothing reloaded inside a round)
+    def _adapters(self) -> MultiLoRA:
+        if self.lora is None:
+            self.lora = MultiLoRA(self.lm.model, self.capacity, self.cfg.lora_spec())
+        return self.lora
+
+    def close(self) -> None:
+        """Unwrap the adapters, leaving the model as loaded."""
+        if self.lora is not None:
+            self.lora.remove()
+            self.lora = None
+
+    def _prompts(self, passages: list[Passage]) -> list[tuple[Passage, int, list[int]]]:
+        tok = self.lm.tokenizer
+        out = []
+        for p in passages:
+            for qi, q in enumerate(p.questions):
+                text = answer_prompt_text(p.title, q.question, tok, chat=self.cfg.chat)
+                out.append((p, qi, tok(text, add_special_tokens=False)["input_ids"]))
+        return out
+
+    def _answer(self, prompts: list[list[int]], rows: list[int] | None) -> list[str]:
+        params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens)
+        lora = self.lora if rows is not None else None
+        seqs = generate(
+            self.lm.model,
+            self.lm.tokenizer,
+            prompts,
+            params,
+            rows=rows,
+            lora=lora,
+            batch_size=self.cfg.answer_batch_size,
+        )
+        return decode(self.lm.tokenizer, seqs)
+
+    def base_answers(self, passages: list[Passage]) -> dict[tuple[str, int], str]:
+        """The unadapted model's answers, computed once per passage and cached."""
+        todo = [t for t in self._prompts(passages) if (t[0].id, t[1]) not in self._base_answers]
+        if todo:
+            rows = [-1] * len(todo) if self.lora is not None else None
+            answers = self._answer([t[2] for t in todo], rows)
+            for (p, qi, _), a in zip(todo, answers, strict=True):
+                self._base_answers[(p.id, qi)] = a
+        return {
+            (p.id, qi): self._base_answers[(p.id, qi)]
+            for p in passages
+            for qi in range(len(p.questions))
+        }
+
+    def grade(self, passages: list[Passage], answers: list[str]) -> list[grading.Grade]:
+        items = [(p, q) for p in passages for q in p.questions]
+        verdicts = [None] * len(items)
+        if self.judge is not None:
+            verdicts = self.judge.judge(
+                [
+                    grading.JudgeItem(q.question, q.answer, a)
+                    for (p, q), a in zip(items, answers, strict=True)
+                ]
+            )
+        return [
+            grading.grade_answer(a, list(q.answers), p.context, judge_verdict=v)
+            for (p, q), a, v in zip(items, answers, verdicts, strict=True)
+        ]
+
+    def run(self, jobs: list[KnowledgeJob], progress=None) -> list[InnerLoopResult]:
+        """Run every job; results in job order."""
+        results: list[InnerLoopResult] = []
+        for start in range(0, len(jobs), self.capacity):
+            chunk = jobs[start : start + self.capacity]
+            results.extend(self._run_chunk(chunk))
+            if progress is not None:
+                progress(len(chunk))
+        return results
+
+    def _run_chunk(self, jobs: list[KnowledgeJob]) -> list[InnerLoopResult]:
+        t0 = time.time()
+        tok, cfg = self.lm.tokenizer, self.cfg
+        lora = self._adapters()
+        hp = cfg.train_hp()
+
+        # 1. Training sequences -> a fresh adapter per job, all trained together.
+        train_jobs, slot_of = [], {}
+        for slot, job in enumerate(jobs):
+            if not job.texts:
+                continue
+            examples = [text_example(tok, t, cfg.max_seq_len) for t in job.texts]
+            lora.reset(slot, job.seed)
+            train_jobs.append(AdapterJob(slot, examples, job.seed, hp))
+            slot_of[job.key] = slot
+        stats = {}
+        if train_jobs:
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            for tj, st in zip(
+                train_jobs, train_adapters(self.lm.model, lora, train_jobs, pad), strict=True
+            ):
+                stats[tj.slot] = st
+
+        # 2. Closed-book answers: every adapted model in one batched generation; jobs without
+        #    training reuse the cached base answers.
+        prompts, rows, owner = [], [], []
+        for job in jobs:
+            if job.key in slot_of:
+                for _, _, ids in self._prompts(job.passages):
+                    prompts.append(ids)
+                    rows.append(slot_of[job.key])
+                    owner.append(job.key)
+        answers_flat = self._answer(prompts, rows) if prompts else []
+        by_job: dict[str, list[str]] = {}
+        for key, a in zip(owner, answers_flat, strict=True):
+            by_job.setdefault(key, []).append(a)
+
+        # 3. Grades and reward.
+        seconds = (time.time() - t0) / max(1, len(jobs))
+        out = []
+        for job in jobs:
+            if job.key in slot_of:
+                answers = by_job.get(job.key, [])
+            else:
+                base = self.base_answers(job.passages)
+                answers = [base[(p.id, qi)] for p in job.passages for qi in range(len(p.questions))]
+            grades = self.grade(job.passages, answers)
+            metrics = summarize(grades)
+            st = stats.get(slot_of.get(job.key, -1))
+            out.append(
+                InnerLoopResult(
+                    key=job.key,
+                    reward=metrics.get(cfg.reward_metric),
+                    answers=answers,
+                    grades=[asdict(g) for g in grades],
+                    metrics=metrics,
+                    n_sequences=len(job.texts),
+                    train_tokens=st.tokens if st else 0,
+                    losses=st.losses if st else [],
+                    seconds=seconds,
+                )
+            )
+        return out
+
+
+def summarize(grades: list[grading.Grade]) -> dict[str, float | None]:
+    """Mean of each metric over the graded answers (None where nothing was graded)."""
+    lists = grading.collect_scores(grades)
+    out: dict[str, float | None] = {
+        k: (sum(v) / len(v) if v else None) for k, v in lists.scores.items()
+    }
+    out["n_ungraded"] = lists.n_ungraded
+    return out

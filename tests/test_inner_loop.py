@@ -1,0 +1,67 @@
+"""The inner loop on the tiny model: base weights untouched, base answers cached, CPT jobs."""
+
+import torch
+
+from seal.domains.knowledge import PROMPTS, training_texts
+from seal.inner_loop import InnerLoop, InnerLoopConfig, KnowledgeJob
+
+CFG = InnerLoopConfig(r=4, alpha=8, epochs=2, lr=1e-2, max_new_tokens=8, capacity=3)
+
+
+def test_inner_loop_leaves_base_weights_bit_identical(tiny, demo_eval):
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    inner = InnerLoop(tiny, CFG)
+    p = demo_eval[0]
+    texts = training_texts(p, ["1. An implication.\n2. Another one."], PROMPTS["implications"])
+    res = inner.run([KnowledgeJob("a", [p], texts, seed=1), KnowledgeJob("b", [p], [], seed=1)])
+    inner.close()
+    after = tiny.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert res[0].n_sequences == 3 and len(res[0].losses) == 2 * 3
+    assert len(res[0].answers) == len(p.questions) == len(res[0].grades)
+    assert res[1].losses == [] and res[1].train_tokens == 0
+    assert res[0].reward is not None
+
+
+def test_base_answers_computed_once(tiny, demo_eval, monkeypatch):
+    inner = InnerLoop(tiny, CFG)
+    calls = []
+    real = inner._answer
+
+    def counting(prompts, rows):
+        calls.append(len(prompts))
+        return real(prompts, rows)
+
+    monkeypatch.setattr(inner, "_answer", counting)
+    jobs = [KnowledgeJob(f"base{i}", [demo_eval[0]], [], seed=i) for i in range(3)]
+    inner.run(jobs)
+    inner.run(jobs[:1])
+    inner.close()
+    assert calls == [len(demo_eval[0].questions)]
+
+
+def test_more_jobs_than_capacity_and_cpt(tiny, demo_eval):
+    inner = InnerLoop(tiny, CFG)
+    ps = demo_eval[:4]
+    jobs = [
+        KnowledgeJob(f"p{i}", [p], training_texts(p, [], PROMPTS["none"]), seed=i)
+        for i, p in enumerate(ps)
+    ]
+    cpt = KnowledgeJob("cpt", ps, [t for p in ps for t in training_texts(p, [], PROMPTS["none"])])
+    res = inner.run(jobs + [cpt])
+    inner.close()
+    assert [r.key for r in res] == ["p0", "p1", "p2", "p3", "cpt"]
+    assert len(res[-1].answers) == sum(len(p.questions) for p in ps)
+
+
+def test_same_seed_same_result(tiny, demo_eval):
+    p = demo_eval[1]
+    texts = training_texts(p, [], PROMPTS["none"])
+    a = InnerLoop(tiny, CFG)
+    r1 = a.run([KnowledgeJob("x", [p], texts, seed=5)])[0]
+    a.close()
+    b = InnerLoop(tiny, CFG)
+    r2 = b.run([KnowledgeJob("y", [p], texts, seed=5), KnowledgeJob("z", [p], texts, seed=6)])[0]
+    b.close()
+    assert r1.answers == r2.answers
+    torch.testing.assert_close(r1.losses, r2.losses)
