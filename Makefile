@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml requirements.lock
 setup: $(STAMP)
 
 demo: setup
-	$(SEAL) run configs/demo.yaml
+	$(SEAL) run configs/demo.yaml --run-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: setup lint
 	$(PY) -m pytest -q

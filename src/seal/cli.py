@@ -134,6 +134,111 @@ def cmd_baselines(args) -> int:
     return 0
 
 
+def _progress_factory(bar):
+    def make(desc, total):
+        task = bar.add_task(desc, total=total)
+
+        class Advance:
+            def __call__(self, n=1):
+                bar.update(task, advance=n)
+
+            def __setattr__(self, name, value):
+                if name == "total":
+                    bar.update(task, total=value)
+
+        return Advance()
+
+    return make
+
+
+def cmd_run(args) -> int:
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from seal import rest_em
+    from seal.report import write_report
+    from seal.runs import RunDir, atomic_write_text
+
+    if args.resume:
+        rd = RunDir(args.resume)
+        if not rd.exists():
+            raise ConfigError(f"--resume {args.resume}: not a run directory (no config.yaml)")
+        if args.config or args.overrides:
+            raise ConfigError("--resume takes the run's own config; give no CONFIG or overrides")
+        cfg = _load_config(rest_em.RunConfig, str(rd.path / "config.yaml"), {}, [])
+    else:
+        if not args.config:
+            raise ConfigError("seal run needs a CONFIG.yaml (or --resume RUN_DIR)")
+        cfg = _load_config(rest_em.RunConfig, args.config, {}, args.overrides)
+        rd = RunDir(args.run_dir) if args.run_dir else RunDir.fresh("runs", Path(args.config).stem)
+        if rd.exists():
+            raise ConfigError(f"{rd.path} already holds a run; use --resume {rd.path}")
+        rd.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(rd.path / "config.yaml", rest_em.resolved_config_yaml(cfg))
+    print(f"run directory: {rd.path}")
+    con = _console()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=con,
+        transient=True,
+        disable=not cfg.logging.progress,
+    ) as bar:
+        metrics = rest_em.run(
+            cfg,
+            rd,
+            log=lambda m: bar.console.print(m, markup=False, highlight=False),
+            progress_factory=_progress_factory(bar),
+        )
+    report = write_report(rd)
+    con.print(_round_table(metrics))
+    print(f"report: {report}")
+    return 0
+
+
+def _round_table(metrics):
+    from rich.table import Table
+
+    t = Table(title="SEAL rounds (held-out accuracy, 95% CI)")
+    for c in ("round", "eval %", "95% CI", "n", "reward mean %", "kept", "seconds"):
+        t.add_column(c, justify="right")
+    for m in metrics:
+
+        def pct(x):
+            return "n/a" if x is None else f"{100 * x:.1f}"
+
+        t.add_row(
+            str(m["round"]),
+            pct(m["eval_mean"]),
+            f"[{pct(m['eval_ci_low'])}, {pct(m['eval_ci_high'])}]",
+            str(m["eval_n"]),
+            pct(m["reward_mean"]),
+            str(m["n_kept"]),
+            f"{m['seconds']:.0f}",
+        )
+    return t
+
+
+def cmd_report(args) -> int:
+    from seal.report import write_report
+    from seal.runs import RunDir
+
+    rd = RunDir(args.run_dir)
+    if not rd.exists():
+        raise ConfigError(f"{args.run_dir}: not a run directory (no config.yaml)")
+    print(write_report(rd))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seal", description="SEAL: self-adapting language models")
     sub = p.add_subparsers(dest="command", required=True)
@@ -158,6 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int)
     b.add_argument("--json", help="write the rows to this JSON file")
     b.set_defaults(func=cmd_baselines)
+
+    r = sub.add_parser("run", help="a SEAL experiment: ReST-EM rounds in a run directory")
+    r.add_argument("config", nargs="?", help="YAML config (see configs/)")
+    r.add_argument("overrides", nargs="*", help="key=value overrides (e.g. rounds=2)")
+    r.add_argument("--run-dir", help="run directory (default: runs/<time>-<config name>)")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
+    r.set_defaults(func=cmd_run)
+
+    rp = sub.add_parser("report", help="regenerate report.md and plots of a run")
+    rp.add_argument("run_dir")
+    rp.set_defaults(func=cmd_report)
     return p
 
 

@@ -376,3 +376,94 @@ def answer_prompt_text(title: str, question: str, tokenizer=None, chat: bool = T
             [{"role": "user", "content": body.rstrip()}], tokenize=False, add_generation_prompt=True
         )
     return body
+
+
+# --------------------------------------------------------------------------------------------
+# The domain object used by the SEAL loops
+
+
+class KnowledgeDomain:
+    """Knowledge incorporation behind the Domain protocol (see domains/base.py)."""
+
+    name = "knowledge"
+    default_selection = "best"
+
+    def __init__(
+        self, train: list[Passage], eval: list[Passage], self_edit, inner_loop, judge=None
+    ):
+        self._train, self._eval = train, eval
+        self.self_edit_cfg, self.inner_cfg, self.judge = self_edit, inner_loop, judge
+        self.variant = prompt_variant(self_edit.prompt, self_edit.variants())
+
+    def train_contexts(self) -> list[Passage]:
+        return self._train
+
+    def eval_contexts(self) -> list[Passage]:
+        return self._eval
+
+    def context_id(self, ctx: Passage) -> str:
+        return ctx.id
+
+    def self_edit_prompt(self, ctx: Passage, tokenizer) -> str:
+        return self_edit_prompt_text(ctx, self.variant, tokenizer, self.self_edit_cfg.chat)
+
+    def sampling_params(self):
+        from seal.generation import SamplingParams
+
+        c = self.self_edit_cfg
+        return SamplingParams(c.max_new_tokens, True, c.temperature, c.top_p)
+
+    def make_job(
+        self, ctx: Passage, completion: str, key: str, sample: int, repeat: int, seed: int
+    ):
+        from seal.domains.base import Job
+
+        texts = training_texts(
+            ctx, [completion] if completion else [], self.variant, self.inner_cfg.include_passage
+        )
+        return Job(key, ctx.id, sample, repeat, seed, payload={"passage": ctx, "texts": texts})
+
+    def make_runner(self, lm):
+        return KnowledgeRunner(lm, self.inner_cfg, self.judge)
+
+
+class KnowledgeRunner:
+    """Adapts the knowledge inner loop to the Runner protocol."""
+
+    def __init__(self, lm, cfg, judge=None):
+        from seal.inner_loop import InnerLoop
+
+        self.inner = InnerLoop(lm, cfg, judge=judge)
+        self.capacity = self.inner.capacity
+
+    def run(self, jobs):
+        from seal.domains.base import Result
+        from seal.inner_loop import KnowledgeJob
+
+        kjobs = [
+            KnowledgeJob(j.key, [j.payload["passage"]], j.payload["texts"], j.seed) for j in jobs
+        ]
+        out = []
+        for res in self.inner.run(kjobs):
+            metric = self.inner.cfg.reward_metric
+            out.append(
+                Result(
+                    key=res.key,
+                    reward=res.reward,
+                    scores=[g.get(metric) for g in res.grades],
+                    detail={
+                        "metrics": res.metrics,
+                        "answers": res.answers,
+                        "grades": res.grades,
+                        "n_sequences": res.n_sequences,
+                        "train_tokens": res.train_tokens,
+                        "loss_first": res.losses[0] if res.losses else None,
+                        "loss_last": res.losses[-1] if res.losses else None,
+                    },
+                    seconds=res.seconds,
+                )
+            )
+        return out
+
+    def close(self) -> None:
+        self.inner.close()

@@ -1,0 +1,139 @@
+"""Run directories: resolved config, state, append-only results, atomic writes, resume.
+
+Everything a run computes is written as it finishes: whole files atomically (write a temporary
+file, fsync, rename), results one JSON line at a time (append, flush, fsync). A line cut short
+by a crash is detected on reading, reported, and its work redone; nothing else is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def safe_child(root: Path, *parts: str) -> Path:
+    """`root / parts...`, refusing any part that could leave `root` (names from data — task
+    ids, titles — must never make a path outside the run directory)."""
+    for p in parts:
+        if not SAFE_NAME.match(p) or ".." in p:
+            raise ValueError(f"refusing unsafe path component {p!r}")
+    path = root.joinpath(*parts)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"refusing path outside {root}: {path}")
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+def append_jsonl(path: Path, records: list[dict]) -> None:
+    """Append records as JSON lines, durably (fsync) before returning."""
+    if not records:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+    with open(path, "a+b") as f:
+        # A crash may have left the file without a final newline: start on a fresh line.
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(data.encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path, warn=None) -> list[dict]:
+    """Every complete, valid line; a truncated or corrupt line (from a crash) is skipped with
+    a message naming the file and line, so its work is redone."""
+    if not path.exists():
+        return []
+    out = []
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line.decode("utf-8"))
+                if not isinstance(rec, dict):
+                    raise ValueError("not an object")
+                out.append(rec)
+            except (ValueError, UnicodeDecodeError) as e:
+                (warn or _stderr)(
+                    f"[seal] {path}: line {n} is truncated or corrupt ({e}); "
+                    "its work will be redone"
+                )
+    return out
+
+
+def read_json(path: Path, default=None):
+    if not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: corrupt JSON ({e}); delete it to recompute") from None
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+class RunDir:
+    """The files of one run. Layout:
+
+    config.yaml              the resolved config
+    state.json               round, phase, seeds
+    metrics.jsonl            one line per round
+    self_edits/round_N.samples.jsonl   sampled self-edits (training contexts)
+    self_edits/round_N.jobs.jsonl      every finished inner loop, as it finishes
+    self_edits/round_N.jsonl           every self-edit with its reward and selection
+    eval/round_N.samples.jsonl, eval/round_N.jobs.jsonl
+    checkpoints/round_N/     the generator update (PEFT adapter or full weights)
+    report.md, plots/
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @staticmethod
+    def fresh(root: str | Path = "runs", name: str = "") -> RunDir:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return RunDir(Path(root) / (f"{stamp}-{name}" if name else stamp))
+
+    def exists(self) -> bool:
+        return (self.path / "config.yaml").exists()
+
+    def file(self, *parts: str) -> Path:
+        return safe_child(self.path, *parts)
+
+    # state
+    def state(self) -> dict:
+        return read_json(self.file("state.json"), default={}) or {}
+
+    def set_state(self, **updates) -> None:
+        st = self.state()
+        st.update(updates, updated=time.time())
+        atomic_write_json(self.file("state.json"), st)
+
+    def metrics(self) -> list[dict]:
+        return read_jsonl(self.file("metrics.jsonl"))

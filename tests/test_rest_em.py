@@ -1,0 +1,127 @@
+"""ReST-EM runs on the tiny model: files, selection, resume after SIGKILL == uninterrupted."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from seal.config import from_dict, validate_tree
+from seal.rest_em import RestEMConfig, RunConfig, select
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "model=tiny-random",
+    "rounds=2",
+    "data.n_train=2",
+    "data.n_eval=2",
+    "self_edit.n_samples=2",
+    "self_edit.max_new_tokens=24",
+    "inner_loop.epochs=2",
+    "inner_loop.max_new_tokens=8",
+    "rest_em.repeats=2",
+    "rest_em.sft.epochs=1",
+    "logging.progress=false",
+    "rest_em.min_reward=-1",
+]
+KEYS = ("round", "eval_mean", "eval_n", "eval_ci_low", "eval_ci_high", "reward_mean", "n_kept")
+
+
+def seal_run(*args, **kw):
+    return subprocess.Popen(
+        [sys.executable, "-m", "seal", "run", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def metrics(d: Path) -> list[dict]:
+    return [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_the_run_directory(tmp_path):
+    d = tmp_path / "run"
+    p = seal_run("configs/demo.yaml", *SMALL, "--run-dir", str(d))
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    m = metrics(d)
+    assert [x["round"] for x in m] == [0, 1, 2]
+    for line in m:
+        assert set(KEYS) | {"seconds"} <= line.keys()
+    assert (d / "config.yaml").exists() and (d / "state.json").exists()
+    assert json.loads((d / "state.json").read_text())["phase"] == "done"
+    scored = [json.loads(x) for x in (d / "self_edits" / "round_1.jsonl").read_text().splitlines()]
+    assert len(scored) == 2 * 2  # contexts x samples
+    assert all(len(s["seeds"]) == 2 and "reward" in s for s in scored)
+    assert sum(s["kept"] for s in scored) == m[1]["n_kept"] == 2  # best of M per context
+    assert (d / "checkpoints" / "round_1" / "adapter_model.safetensors").exists()
+    assert (d / "checkpoints" / "round_1" / "adapter_config.json").exists()
+    report = (d / "report.md").read_text()
+    assert "| 2 |" in report and (d / "plots" / "accuracy.png").exists()
+    assert "report:" in out
+
+
+def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path):
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    p = seal_run("configs/demo.yaml", *SMALL, "--run-dir", str(ref))
+    p2 = seal_run("configs/demo.yaml", *SMALL, "--run-dir", str(cut))
+    # Kill the second run as soon as round 1 has finished some inner loops.
+    jobs = cut / "self_edits" / "round_1.jobs.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and p2.poll() is None:
+        if jobs.exists() and jobs.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    assert p2.poll() is None, "run finished before it could be killed"
+    p2.send_signal(signal.SIGKILL)
+    p2.wait()
+    n_done = jobs.read_text().count("\n")
+    assert n_done >= 1
+    assert p.wait(timeout=600) == 0
+    r = seal_run("--resume", str(cut))
+    out, err = r.communicate(timeout=600)
+    assert r.returncode == 0, err
+    # No finished inner loop was recomputed: every job key appears once.
+    keys = [json.loads(x)["key"] for x in jobs.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 2 * 2 * 2
+    a = [{k: m[k] for k in KEYS} for m in metrics(ref)]
+    b = [{k: m[k] for k in KEYS} for m in metrics(cut)]
+    assert a == b
+
+
+def test_selection_rules():
+    scored = [
+        {"ctx_id": "a", "sample": 0, "reward": 0.2, "baseline": 0.3},
+        {"ctx_id": "a", "sample": 1, "reward": 0.6, "baseline": 0.3},
+        {"ctx_id": "a", "sample": 2, "reward": 0.6, "baseline": 0.3},
+        {"ctx_id": "b", "sample": 0, "reward": 0.0, "baseline": 0.0},
+        {"ctx_id": "c", "sample": 0, "reward": 0.4, "baseline": 0.5},
+        {"ctx_id": "c", "sample": 1, "reward": None, "baseline": 0.5},
+    ]
+    cfg = RestEMConfig()
+    best = select(scored, "best", cfg)
+    assert [(s["ctx_id"], s["sample"]) for s in best] == [("a", 1), ("c", 0)]
+    assert [(s["ctx_id"], s["sample"]) for s in select(scored, "relative", cfg)] == [("a", 1)]
+    cfg.threshold = 0.4
+    assert len(select(scored, "threshold", cfg)) == 3
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_config_loads_and_validates(name):
+    from seal.config import read_yaml
+
+    data = read_yaml(ROOT / "configs" / name)
+    cfg = from_dict(RunConfig, data)
+    validate_tree(cfg)
+
+
+def test_resume_refuses_a_non_run(tmp_path):
+    r = seal_run("--resume", str(tmp_path))
+    out, err = r.communicate(timeout=120)
+    assert r.returncode == 2 and "not a run directory" in err
