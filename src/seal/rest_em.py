@@ -211,7 +211,7 @@ def run(cfg: RunConfig, run_dir: RunDir, log=print, progress_factory=None) -> li
                     samples,
                     cfg.rest_em.repeats,
                     seed=cfg.seed * 1_000_003 + rnd * 104729,
-                    progress=progress("round %d: inner loops" % rnd, None),
+                    progress=progress(f"round {rnd}: inner loops", None),
                     with_baseline=rule == "relative",
                 )
                 seconds["score"] = time.time() - t0
@@ -251,7 +251,7 @@ def run(cfg: RunConfig, run_dir: RunDir, log=print, progress_factory=None) -> li
                 ev_samples,
                 cfg.eval.repeats,
                 seed=cfg.seed * 1_000_003 + 99991,
-                progress=progress("round %d: eval" % rnd, None),
+                progress=progress(f"round {rnd}: eval", None),
             )
             seconds["eval"] = time.time() - t0
             item_scores = eval_item_scores(eval_ctx, ev_samples, ev_results, domain)
