@@ -31,6 +31,7 @@ class _Router:
     def __init__(self) -> None:
         self.rows: torch.Tensor | None = None
         self.base_mask: torch.Tensor | None = None
+        self.identity = False
 
 
 class MultiLoRALinear(nn.Module):
@@ -50,8 +51,11 @@ class MultiLoRALinear(nn.Module):
         if rows is None:
             return y
         n = x.shape[0]
-        a = self.lora_A.index_select(0, rows.clamp(min=0)).to(x.dtype)
-        b = self.lora_B.index_select(0, rows.clamp(min=0)).to(x.dtype)
+        if self.router.identity:  # row i uses adapter i for every i: no gather needed
+            a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        else:
+            a = self.lora_A.index_select(0, rows.clamp(min=0)).to(x.dtype)
+            b = self.lora_B.index_select(0, rows.clamp(min=0)).to(x.dtype)
         delta = torch.bmm(torch.bmm(x.reshape(n, -1, x.shape[-1]), a), b).view(y.shape)
         if self.router.base_mask is not None:
             delta = delta * self.router.base_mask.view(n, *([1] * (delta.dim() - 1))).to(x.dtype)
@@ -122,18 +126,20 @@ class MultiLoRA:
     @contextlib.contextmanager
     def route(self, rows: torch.Tensor | list[int] | None):
         """Within the block, batch row i goes through adapter rows[i] (-1: no adapter)."""
-        prev = (self.router.rows, self.router.base_mask)
+        prev = (self.router.rows, self.router.base_mask, self.router.identity)
+        identity = False
         if rows is not None:
+            identity = list(rows) == list(range(self.k))
             device = next(iter(self.parameters())).device
             rows = torch.as_tensor(rows, dtype=torch.long, device=device)
             self.router.base_mask = (rows >= 0) if bool((rows < 0).any()) else None
         else:
             self.router.base_mask = None
-        self.router.rows = rows
+        self.router.rows, self.router.identity = rows, identity
         try:
             yield
         finally:
-            self.router.rows, self.router.base_mask = prev
+            self.router.rows, self.router.base_mask, self.router.identity = prev
 
     def state(self, slot: int) -> dict[str, torch.Tensor]:
         """A copy of one adapter, keyed by module name (A: [in, r], B: [r, out])."""
@@ -229,33 +235,26 @@ class BatchedAdamW:
     def step(self, active: torch.Tensor, lrs: torch.Tensor) -> torch.Tensor:
         """One update of the `active` adapters ([K] bool) at learning rates `lrs` ([K]).
         Returns the per-adapter gradient norms before clipping."""
-        device = self.params[0].device
-        active = active.to(device)
-        sq = torch.zeros(self.k, dtype=torch.float32, device=device)
-        for p in self.params:
-            if p.grad is not None:
-                sq += p.grad.float().pow(2).flatten(1).sum(1)
-        norms = sq.sqrt()
-        coef = torch.ones_like(norms)
-        if self.max_grad_norm is not None:
-            coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        self.steps += active.cpu().double()
-        t = self.steps.clamp(min=1)
-        bc1 = (1 - self.b1**t).to(device=device, dtype=torch.float32)
-        bc2_sqrt = (1 - self.b2**t).sqrt().to(device=device, dtype=torch.float32)
-        lrs = lrs.to(device=device, dtype=torch.float32)
-        on = active.float()
-        for p, m, v in zip(self.params, self.m, self.v, strict=True):
-            if p.grad is None:
-                continue
-            shape = (self.k,) + (1,) * (p.dim() - 1)
-            g = p.grad * coef.view(shape)
-            mask = on.view(shape)
-            m.mul_(1 - mask * (1 - self.b1)).add_(g * mask * (1 - self.b1))
-            v.mul_(1 - mask * (1 - self.b2)).add_(g * g * mask * (1 - self.b2))
-            denom = (v.sqrt() / bc2_sqrt.view(shape)).add_(self.eps)
-            step_size = (lrs / bc1).view(shape) * mask
-            if self.wd:
-                p.mul_(1 - lrs.view(shape) * self.wd * mask)
-            p.sub_(m / denom * step_size)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if len(grads) != len(self.params):
+            raise RuntimeError("BatchedAdamW.step: some adapter parameters have no gradient")
+        # Per-adapter global gradient norm (one pass over the gradients).
+        sq = torch.stack([g.float().pow(2).flatten(1).sum(1) for g in grads]).sum(0)
+        norms = sq.sqrt().cpu()
+        slots = [int(k) for k in torch.nonzero(active.cpu()).flatten()]
+        for k in slots:
+            self.steps[k] += 1
+            coef = 1.0
+            if self.max_grad_norm is not None:
+                coef = min(1.0, self.max_grad_norm / (float(norms[k]) + 1e-6))
+            # torch's fused AdamW kernel, run on adapter k's slices: one pass over the memory,
+            # exactly torch.optim.AdamW's rule. grad_scale divides the gradients (clipping).
+            step_t = torch.tensor(float(self.steps[k]), device=grads[0].device)
+            scale = torch.tensor(1.0 / coef, device=grads[0].device)
+            torch._fused_adamw_(
+                [p.data[k] for p in self.params], [g[k] for g in grads],
+                [m[k] for m in self.m], [v[k] for v in self.v], [],
+                [step_t] * len(self.params), lr=float(lrs[k]), beta1=self.b1, beta2=self.b2,
+                weight_decay=self.wd, eps=self.eps, amsgrad=False, maximize=False,
+                grad_scale=scale, found_inf=None)
         return norms

@@ -115,21 +115,51 @@ def causal_lm_parts(model):
     return model.base_model, model.get_output_embeddings()
 
 
+def _batch_len(batch: list[Example], max_len: int) -> int:
+    return max(min(len(e.input_ids), max_len) for e in batch)
+
+
+def pick_adapters(next_lens: dict[int, tuple[int, int]], overhead_tokens: int) -> list[int]:
+    """Which adapters take their next step in this pass.
+
+    `next_lens[i] = (padded length, rows)` of adapter i's next batch. Adapters are independent,
+    so any subset may advance — each still sees its own batches in its own order. A pass
+    costs about `overhead_tokens + rows * longest` token-equivalents; this picks the subset
+    {i : length_i <= L} with the most real tokens per unit of cost. Adapters waiting at a long
+    sequence gather until they can run together, so short and long rows rarely share a pass
+    and little compute goes to padding."""
+    order = sorted(next_lens, key=lambda i: next_lens[i][0])
+    best, best_score, useful, rows = order[:1], -1.0, 0, 0
+    for n, i in enumerate(order, 1):
+        length, r = next_lens[i]
+        useful += length * r
+        rows += r
+        score = useful / (overhead_tokens + rows * length)
+        if score >= best_score:
+            best, best_score = order[:n], score
+    return best
+
+
 def train_adapters(
-    model, lora: MultiLoRA, jobs: list[AdapterJob], pad_id: int = 0, progress=None
+    model, lora: MultiLoRA, jobs: list[AdapterJob], pad_id: int = 0, progress=None,
+    overhead_tokens: int = 64,
 ) -> list[TrainStats]:
     """Train each job's adapter slot; adapters are independent, as if trained one by one.
 
-    Slots must have been `reset` by the caller. Returns per-job loss curves and token counts."""
+    Slots must have been `reset` by the caller. Each pass trains a subset of the adapters on
+    their next batch (see `pick_adapters`); every adapter's own sequence of batches, learning
+    rates and optimizer steps is exactly what it would be alone. Returns per-job loss curves
+    and token counts."""
     if len({j.slot for j in jobs}) != len(jobs):
         raise ValueError("two jobs share an adapter slot")
+    for j in jobs:
+        if not j.examples:
+            raise ValueError(f"adapter job in slot {j.slot} has no training examples")
     decoder, head = causal_lm_parts(model)
     device = next(model.parameters()).device
     plans = [_plan(j) for j in jobs]
     totals = [len(p) for p in plans]
-    for j in jobs:
-        if not j.examples:
-            raise ValueError(f"adapter job in slot {j.slot} has no training examples")
+    done = [0] * len(jobs)  # steps taken by each adapter
     opt = BatchedAdamW(
         lora.parameters(),
         lora.k,
@@ -137,13 +167,21 @@ def train_adapters(
         max_grad_norm=jobs[0].hp.max_grad_norm,
     )
     stats = [TrainStats([], 0, 0, 0) for _ in jobs]
+    n_jobs = len(jobs)
     # The model stays in eval mode: LoRA dropout is 0 and the base's dropout must stay off.
     try:
-        for step in range(max(totals, default=0)):
-            active = [i for i, t in enumerate(totals) if step < t]
+        while True:
+            waiting = {
+                i: (_batch_len(plans[i][done[i]], jobs[i].hp.max_seq_len), len(plans[i][done[i]]))
+                for i in range(n_jobs)
+                if done[i] < totals[i]
+            }
+            if not waiting:
+                break
+            active = sorted(pick_adapters(waiting, overhead_tokens))
             rows, seqs, owners = [], [], []
             for i in active:
-                for ex in plans[i][step]:
+                for ex in plans[i][done[i]]:
                     n = min(len(ex.input_ids), jobs[i].hp.max_seq_len)
                     rows.append(jobs[i].slot)
                     seqs.append((ex.input_ids[:n], ex.loss_mask[:n]))
@@ -162,11 +200,11 @@ def train_adapters(
             target_mask = mask[:, 1:]
             h = hidden[:, :-1][target_mask]
             targets = ids[:, 1:][target_mask]
+            # Logits only where the loss is: prompt and padding positions never pay for the
+            # vocabulary projection.
             tok_loss = F.cross_entropy(head(h).float(), targets, reduction="none")
             row_of_tok = torch.arange(len(seqs), device=device)[:, None].expand_as(target_mask)
-            row_of_tok = row_of_tok[target_mask]
-            owner = torch.tensor(owners, device=device)[row_of_tok]
-            n_jobs = len(jobs)
+            owner = torch.tensor(owners, device=device)[row_of_tok[target_mask]]
             loss_sum = torch.zeros(n_jobs, device=device).index_add(0, owner, tok_loss)
             n_tok = torch.zeros(n_jobs, device=device).index_add(
                 0, owner, torch.ones_like(tok_loss)
@@ -181,7 +219,7 @@ def train_adapters(
                 hp = jobs[i].hp
                 warm = int(hp.warmup_ratio * totals[i])
                 active_slots[jobs[i].slot] = True
-                lrs[jobs[i].slot] = hp.lr * lr_factor(hp.schedule, step, totals[i], warm)
+                lrs[jobs[i].slot] = hp.lr * lr_factor(hp.schedule, done[i], totals[i], warm)
             opt.step(active_slots, lrs)
             opt.zero_grad()
             per_job = per_job.detach().cpu()
@@ -189,10 +227,11 @@ def train_adapters(
                 stats[i].losses.append(float(per_job[i]))
                 stats[i].steps += 1
                 stats[i].tokens += int(n_tok[i])
+                done[i] += 1
             for i in owners:
                 stats[i].padded_tokens += width
             if progress is not None:
-                progress(step + 1, max(totals))
+                progress(sum(done), sum(totals))
     finally:
         opt.zero_grad()
     return stats
