@@ -46,6 +46,13 @@ class BaselinesConfig:
         "teacher self-edits file ({title, context, completions}); "
         "default for demo data: the shipped demo teacher file",
     )
+    teacher_url: str = f(
+        "",
+        "or: an OpenAI-compatible endpoint whose model writes the teacher self-edits "
+        "(e.g. https://api.openai.com/v1)",
+    )
+    teacher_model: str = f("gpt-4.1", "the teacher model at teacher_url")
+    teacher_api_key_env: str = f("OPENAI_API_KEY", "environment variable with its API key")
     modes: tuple[str, ...] = f(("single",), "single and/or cpt (continued pretraining)")
     rows: tuple[str, ...] = f(ROWS, "which rows to compute")
     repeats: int = f(1, "inner-loop runs per (passage, self-edit), different seeds")
@@ -129,8 +136,10 @@ def run_baselines(cfg: BaselinesConfig, lm=None, log=print, progress=None) -> di
         )
         own = {p.id: c for p, c in zip(passages, comps, strict=True)}
     teacher: dict[str, list[str]] = {}
-    tfile = _teacher_file(cfg)
-    if "teacher" in cfg.rows and tfile:
+    tfile = _teacher_file(cfg) if not cfg.teacher_url else ""
+    if "teacher" in cfg.rows and cfg.teacher_url:
+        teacher = write_teacher_self_edits(cfg, passages, variant, log)
+    elif "teacher" in cfg.rows and tfile:
         teacher = load_teacher_self_edits(tfile, passages)
         missing = len(passages) - len(teacher)
         if missing:
@@ -216,6 +225,22 @@ def run_baselines(cfg: BaselinesConfig, lm=None, log=print, progress=None) -> di
         "seconds": round(time.time() - t_start, 1),
         "self_edits": {"own": own, "teacher_file": tfile},
     }
+
+
+def write_teacher_self_edits(cfg: BaselinesConfig, passages, variant, log) -> dict[str, list[str]]:
+    """Self-edits written by a teacher model behind an OpenAI-compatible endpoint, with the
+    same (raw) prompt the model itself gets; failed requests are reported, not fatal."""
+    from seal.remote import OpenAITeacher
+
+    se = cfg.self_edit
+    with OpenAITeacher(
+        cfg.teacher_url, cfg.teacher_model, api_key_env=cfg.teacher_api_key_env
+    ) as teacher:
+        prompts = [self_edit_prompt_text(p, variant, None, chat=False) for p in passages]
+        outs = teacher.write(prompts, se.n_samples, se.temperature, se.top_p, se.max_new_tokens)
+        for i, err in teacher.errors.items():
+            log(f"[seal] teacher: no self-edits for passage {passages[i].title!r}: {err}")
+    return {p.id: o for p, o in zip(passages, outs, strict=True) if o}
 
 
 def _jobs(

@@ -101,6 +101,8 @@ def cmd_baselines(args) -> int:
         "data": args.data,
         "limit": args.limit,
         "teacher": args.teacher,
+        "teacher_url": args.teacher_url,
+        "teacher_model": args.teacher_model,
         "seed": args.seed,
         "modes": args.modes.split(",") if args.modes else None,
     }
@@ -258,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", help="demo[:train|eval], a JSON path, or hf:squad")
     b.add_argument("--limit", type=int)
     b.add_argument("--teacher", help="teacher self-edits JSON")
+    b.add_argument("--teacher-url", help="OpenAI-compatible endpoint of a teacher model")
+    b.add_argument("--teacher-model", help="the teacher model's name at --teacher-url")
     b.add_argument("--modes", help="single,cpt")
     b.add_argument("--tasks", help="ARC task ids, comma-separated (--domain arc)")
     b.add_argument("--seed", type=int)

@@ -88,12 +88,15 @@ class JudgeConfig:
     api_key_env: str = f("OPENAI_API_KEY", "environment variable holding the API key")
     timeout: float = f(30.0, "seconds per request")
     max_retries: int = f(4, "retries on timeouts, connection errors, 429 and 5xx")
+    local_model: str = f("", "judge with a local model (preset, dir or hub id) instead")
 
     def validate(self) -> None:
         _check(self.timeout > 0, "judge.timeout", "must be > 0")
         _check(self.max_retries >= 0, "judge.max_retries", "must be >= 0")
 
     def build(self):
+        if self.local_model:
+            return local_judge(self.local_model)
         if not self.base_url:
             return None
         from seal.grading import OpenAIJudge
@@ -105,6 +108,27 @@ class JudgeConfig:
             timeout=self.timeout,
             max_retries=self.max_retries,
         )
+
+
+def local_judge(spec: str, device: str = "auto", dtype: str = "auto"):
+    """A local model as the LLM judge: greedy, a few tokens, its chat template when it has one;
+    same prompt, parsing and verdict cache as the remote judge."""
+    from seal.generation import SamplingParams, decode, generate
+    from seal.grading import CallableJudge, default_cache_dir
+    from seal.models import load_model
+
+    lm = load_model(spec, device, dtype)
+    tok = lm.tokenizer
+
+    def ask(prompt: str) -> str:
+        if getattr(tok, "chat_template", None):
+            prompt = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        return decode(tok, generate(lm.model, tok, [ids], SamplingParams(max_new_tokens=4)))[0]
+
+    return CallableJudge(ask, name=f"local:{spec}", cache_dir=default_cache_dir())
 
 
 def _check(ok: bool, key: str, msg: str) -> None:

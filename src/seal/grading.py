@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import ipaddress
 import json
 import logging
 import os
-import random
 import re
 import string
 import threading
@@ -33,7 +31,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple, Protocol, runtime_checkable
-from urllib.parse import urlsplit
+
+from seal.remote import ChatClient, RemoteConfigError, RemoteError
 
 logger = logging.getLogger(__name__)
 
@@ -547,16 +546,6 @@ class CallableJudge(_CachingJudge):
         return _verdict_from_reply(raw)
 
 
-def _is_loopback(base_url: str) -> bool:
-    host = urlsplit(base_url).hostname or ""
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def default_cache_dir() -> Path:
     """Default judge cache directory: ``judge/`` in seal's per-user cache (see models.cache_root)."""
     from seal.models import cache_root
@@ -564,8 +553,11 @@ def default_cache_dir() -> Path:
     return cache_root() / "judge"
 
 
-class JudgeConfigError(RuntimeError):
-    """The judge cannot be set up (e.g. its API key variable is missing)."""
+class JudgeConfigError(RemoteConfigError):
+    """The judge cannot be set up (e.g. its API key variable is missing).
+
+    A ``seal.remote.RemoteConfigError``, so either name catches it.
+    """
 
 
 _DEFAULT_CACHE = object()
@@ -574,9 +566,10 @@ _DEFAULT_CACHE = object()
 class OpenAIJudge(_CachingJudge):
     """Judge served by an OpenAI-compatible chat-completions endpoint (GPT-4.1 in the paper).
 
-    The API key is read from the environment variable ``api_key_env`` only; when it is unset, a
-    loopback ``base_url`` gets a dummy key and any other endpoint raises ``JudgeConfigError``.
-    The key is kept inside the client: it is not in this object's repr, the cache or error texts.
+    The HTTP side is a ``seal.remote.ChatClient``. The API key is read from the environment
+    variable ``api_key_env`` only; when it is unset, a loopback ``base_url`` gets a dummy key and
+    any other endpoint raises ``JudgeConfigError``. The key is kept inside the client: it is not
+    in this object's repr, the cache or error texts.
 
     Requests use temperature 0 and ``max_tokens``. The client's own retries are off; instead each
     item gets up to ``max_retries`` retries with exponential backoff and jitter
@@ -604,32 +597,43 @@ class OpenAIJudge(_CachingJudge):
         backoff_max: float = 30.0,
         prompt_template: str = JUDGE_PROMPT,
     ):
-        import openai  # deferred: only the OpenAI judge needs it
-
-        key = os.environ.get(api_key_env)
-        if not key:
-            if not _is_loopback(base_url):
-                raise JudgeConfigError(
-                    f"environment variable {api_key_env} is not set; it must hold the API key "
-                    f"for the judge endpoint {base_url}"
-                )
-            key = "sk-local-dummy"  # local servers usually ignore the key but the client needs one
-        self._key = key
-        self._openai = openai
-        self._client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=timeout)
+        try:
+            self._client = ChatClient(
+                base_url,
+                model,
+                api_key_env,
+                timeout,
+                max_retries,
+                backoff_base=backoff_base,
+                backoff_max=backoff_max,
+                purpose="judge",
+            )
+        except RemoteConfigError as exc:
+            raise JudgeConfigError(str(exc)) from None
         self.base_url = base_url
         self.model = model
         self.api_key_env = api_key_env
-        self.max_retries = max_retries
         self.timeout = timeout
         self.concurrency = concurrency
         self.max_tokens = max_tokens
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
         self.prompt_template = prompt_template
         if cache_dir is _DEFAULT_CACHE:
             cache_dir = default_cache_dir()
         self.cache = VerdictCache(cache_dir) if cache_dir is not None else None  # type: ignore[arg-type]
+
+    # Retry settings live on the client; these keep them readable and settable here.
+    max_retries = property(
+        lambda self: self._client.max_retries,
+        lambda self, v: setattr(self._client, "max_retries", v),
+    )
+    backoff_base = property(
+        lambda self: self._client.backoff_base,
+        lambda self, v: setattr(self._client, "backoff_base", v),
+    )
+    backoff_max = property(
+        lambda self: self._client.backoff_max,
+        lambda self, v: setattr(self._client, "backoff_max", v),
+    )
 
     def __repr__(self) -> str:
         return (
@@ -648,78 +652,14 @@ class OpenAIJudge(_CachingJudge):
         self.close()
 
     def _scrub(self, text: str) -> str:
-        # Defensive: error texts should never hold the key, but make sure before recording them.
-        # (Very short keys are not real secrets and would mangle ordinary text.)
-        return text.replace(self._key, "***") if len(self._key) >= 8 else text
-
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        delay = min(self.backoff_max, self.backoff_base * 2**attempt)
-        delay *= 0.5 + 0.5 * random.random()
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.backoff_max))
-        return delay
-
-    def _classify(self, exc: Exception) -> tuple[bool, str, float | None]:
-        """(retryable, message, retry_after seconds) for an exception from one request."""
-        openai = self._openai
-        retry_after = None
-        if isinstance(exc, openai.APITimeoutError):
-            return True, f"timeout after {self.timeout}s", None
-        if isinstance(exc, openai.APIConnectionError):
-            cause = exc.__cause__
-            detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
-            return True, f"connection error: {exc}{detail}", None
-        if isinstance(exc, openai.APIStatusError):
-            status = exc.status_code
-            try:
-                header = exc.response.headers.get("retry-after")
-                retry_after = float(header) if header is not None else None
-            except (TypeError, ValueError, AttributeError):
-                retry_after = None
-            retryable = status in (408, 429) or status >= 500
-            return retryable, f"HTTP {status}: {exc.message}", retry_after
-        if isinstance(exc, (openai.APIResponseValidationError, ValueError, LookupError)):
-            # Garbled or truncated bodies (JSON errors, missing fields) are usually transient.
-            return True, f"bad response: {type(exc).__name__}: {exc}", None
-        return False, f"{type(exc).__name__}: {exc}", None
-
-    def _request(self, prompt: str) -> str | None:
-        response = self._client.chat.completions.create(
-            model=self.model,
-            messages=[{"role": "user", "content": prompt}],
-            temperature=0,
-            max_tokens=self.max_tokens,
-        )
-        # Some servers answer 200 with a body the client cannot model; surface it as a ValueError
-        # so it is treated as a bad (retryable) response.
-        choices = getattr(response, "choices", None)
-        if not choices:
-            raise ValueError(f"no choices in response: {str(response)[:200]!r}")
-        message = getattr(choices[0], "message", None)
-        if message is None:
-            raise ValueError("no message in first choice")
-        return message.content
+        return self._client.scrub(text)
 
     def _judge_one(self, prompt: str) -> Verdict:
-        error = "no attempt made"
-        for attempt in range(self.max_retries + 1):
-            try:
-                raw = self._request(prompt)
-            except Exception as exc:
-                retryable, message, retry_after = self._classify(exc)
-                error = self._scrub(message)
-                if not retryable:
-                    return Verdict(None, None, error)
-                if attempt < self.max_retries:
-                    delay = self._backoff(attempt, retry_after)
-                    logger.info(
-                        "judge request failed (%s); retry %d/%d in %.2fs",
-                        error,
-                        attempt + 1,
-                        self.max_retries,
-                        delay,
-                    )
-                    time.sleep(delay)
-                continue
-            return _verdict_from_reply(raw)
-        return Verdict(None, None, f"gave up after {self.max_retries + 1} attempts: {error}")
+        try:
+            # The private call keeps a null reply content as None (recorded as raw=None).
+            (raw,) = self._client._complete(
+                prompt, temperature=0, max_tokens=self.max_tokens, top_p=1.0, n=1
+            )
+        except RemoteError as exc:
+            return Verdict(None, None, exc.message)
+        return _verdict_from_reply(raw)

@@ -252,9 +252,20 @@ class BatchedAdamW:
             step_t = torch.tensor(float(self.steps[k]), device=grads[0].device)
             scale = torch.tensor(1.0 / coef, device=grads[0].device)
             torch._fused_adamw_(
-                [p.data[k] for p in self.params], [g[k] for g in grads],
-                [m[k] for m in self.m], [v[k] for v in self.v], [],
-                [step_t] * len(self.params), lr=float(lrs[k]), beta1=self.b1, beta2=self.b2,
-                weight_decay=self.wd, eps=self.eps, amsgrad=False, maximize=False,
-                grad_scale=scale, found_inf=None)
+                [p.data[k] for p in self.params],
+                [g[k] for g in grads],
+                [m[k] for m in self.m],
+                [v[k] for v in self.v],
+                [],
+                [step_t] * len(self.params),
+                lr=float(lrs[k]),
+                beta1=self.b1,
+                beta2=self.b2,
+                weight_decay=self.wd,
+                eps=self.eps,
+                amsgrad=False,
+                maximize=False,
+                grad_scale=scale,
+                found_inf=None,
+            )
         return norms

@@ -141,7 +141,11 @@ def pick_adapters(next_lens: dict[int, tuple[int, int]], overhead_tokens: int) -
 
 
 def train_adapters(
-    model, lora: MultiLoRA, jobs: list[AdapterJob], pad_id: int = 0, progress=None,
+    model,
+    lora: MultiLoRA,
+    jobs: list[AdapterJob],
+    pad_id: int = 0,
+    progress=None,
     overhead_tokens: int = 64,
 ) -> list[TrainStats]:
     """Train each job's adapter slot; adapters are independent, as if trained one by one.
