@@ -76,11 +76,22 @@ class _Server:
                 else:
                     text = "1. The first implication.\n2. The second implication."
                 n = body.get("n", 1)
-                out = json.dumps({"id": "x", "object": "chat.completion", "created": 0,
-                                  "model": body["model"], "choices": [
-                                      {"index": i, "finish_reason": "stop",
-                                       "message": {"role": "assistant", "content": text}}
-                                      for i in range(n)]}).encode()
+                out = json.dumps(
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [
+                            {
+                                "index": i,
+                                "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": text},
+                            }
+                            for i in range(n)
+                        ],
+                    }
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(out)))
@@ -99,10 +110,31 @@ def test_baselines_with_teacher_and_judge_endpoints(tmp_path):
     import os
 
     r = subprocess.run(
-        [sys.executable, "-m", "seal", "baselines", "--model", "tiny-random", "--data", "demo",
-         "--limit", "1", "--teacher-url", srv.url, "--json", str(out), "rows=[teacher]",
-         "self_edit.n_samples=2", f"judge.base_url={srv.url}", "judge.model=j"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, **env_cache})
+        [
+            sys.executable,
+            "-m",
+            "seal",
+            "baselines",
+            "--model",
+            "tiny-random",
+            "--data",
+            "demo",
+            "--limit",
+            "1",
+            "--teacher-url",
+            srv.url,
+            "--json",
+            str(out),
+            "rows=[teacher]",
+            "self_edit.n_samples=2",
+            f"judge.base_url={srv.url}",
+            "judge.model=j",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env_cache},
+    )
     srv.httpd.shutdown()
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())

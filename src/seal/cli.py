@@ -127,12 +127,7 @@ def cmd_baselines(args) -> int:
         )
     _console().print(render_table(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(result, fh, indent=2)
-        os.replace(tmp, args.json)
-        print(f"wrote {args.json}")
+        _write_json(args.json, result)
     return 0
 
 
@@ -241,6 +236,35 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from seal.bench import BenchConfig, run_bench
+
+    flags = {"model": args.model, "data": args.data, "n": args.n}
+    cfg = _load_config(BenchConfig, args.config, flags, args.overrides)
+    res = run_bench(cfg)
+    print(
+        json.dumps(
+            {
+                k: res[k]
+                for k in ("speedup_vs_reference", "speedup_vs_sequential", "mfu", "peak_rss_gb")
+            },
+            indent=1,
+        )
+    )
+    if args.json:
+        _write_json(args.json, res)
+    return 0
+
+
+def _write_json(path: str, obj) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seal", description="SEAL: self-adapting language models")
     sub = p.add_subparsers(dest="command", required=True)
@@ -274,6 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", help="run directory (default: runs/<time>-<config name>)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
     r.set_defaults(func=cmd_run)
+
+    be = sub.add_parser("bench", help="inner-loop throughput vs the reference design")
+    be.add_argument("overrides", nargs="*", help="key=value (e.g. inner_loop.epochs=2 n=8)")
+    be.add_argument("--config")
+    be.add_argument("--model")
+    be.add_argument("--data")
+    be.add_argument("--n", type=int, help="self-edits for the sequential and seal modes")
+    be.add_argument("--json", help="write the figures to this JSON file")
+    be.set_defaults(func=cmd_bench)
 
     rp = sub.add_parser("report", help="regenerate report.md and plots of a run")
     rp.add_argument("run_dir")
