@@ -102,10 +102,15 @@ def test_missing_file_is_clear():
 def test_implications_split_rules():
     v = PROMPTS["implications"]
     comp = "Sure, here are the implications:\n1. A is B.\n\n2. C was built in 1843.\n"
-    assert self_edit_items(comp, v) == ["1. A is B.", "2. C was built in 1843."]
+    assert self_edit_items(comp, v, strip_markers=False) == [
+        "1. A is B.",
+        "2. C was built in 1843.",
+    ]
+    assert self_edit_items(comp, v) == ["A is B.", "C was built in 1843."]
+    assert self_edit_items("**Implications:**\n\n- X.\n* Y.\n10) Z.", v) == ["X.", "Y.", "Z."]
     p = load_passages("demo:eval")[0]
     seqs = training_texts(p, [comp], v)
-    assert seqs[0] == f"{p.title}\n1. A is B."
+    assert seqs[0] == f"{p.title}\nA is B."
     assert seqs[-1] == f"{p.title}\n{p.context.strip()}"  # the passage is always added
     assert len(seqs) == 3
 

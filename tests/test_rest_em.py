@@ -69,8 +69,8 @@ def test_run_writes_the_run_directory(tmp_path):
 
 def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    p = seal_run("configs/demo.yaml", *SMALL, "--run-dir", str(ref))
-    p2 = seal_run("configs/demo.yaml", *SMALL, "--run-dir", str(cut))
+    p = seal_run("configs/demo.yaml", *SMALL, "--run-dir", str(ref), threads=1)
+    p2 = seal_run("configs/demo.yaml", *SMALL, "--run-dir", str(cut), threads=1)
     # Kill the second run as soon as round 1 has finished some inner loops.
     jobs = cut / "self_edits" / "round_1.jobs.jsonl"
     deadline = time.time() + 300
@@ -84,7 +84,7 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path):
     n_done = jobs.read_text().count("\n")
     assert n_done >= 1
     assert p.wait(timeout=600) == 0
-    r = seal_run("--resume", str(cut))
+    r = seal_run("--resume", str(cut), threads=1)
     out, err = r.communicate(timeout=600)
     assert r.returncode == 0, err
     # No finished inner loop was recomputed: every job key appears once.

@@ -313,8 +313,11 @@ def sample_phase(
         cid = domain.context_id(ctx)
         if cid in have:
             continue
-        prompt = domain.self_edit_prompt(ctx, lm.tokenizer)
-        comps = sample_completions(lm.model, lm.tokenizer, [prompt], n, params, seed + i)[0]
+        if hasattr(domain, "sample_self_edits"):  # e.g. ARC: resample until the JSON parses
+            comps = domain.sample_self_edits(lm, [ctx], n, seed + i)[0]
+        else:
+            prompt = domain.self_edit_prompt(ctx, lm.tokenizer)
+            comps = sample_completions(lm.model, lm.tokenizer, [prompt], n, params, seed + i)[0]
         append_jsonl(path, [{"ctx_id": cid, "completions": comps, "seed": seed + i}])
         have[cid] = comps
     return have

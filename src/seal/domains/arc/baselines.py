@@ -294,10 +294,11 @@ def cli_arc_baselines(args) -> int:
     write the results there and each row's ARC-Prize submission beside them."""
     from seal.cli import _console
 
-    for flag in ("data", "limit", "teacher", "modes"):
+    for flag in ("data", "limit", "teacher", "teacher_url", "teacher_model", "modes"):
         if getattr(args, flag, None) is not None:
+            name = flag.replace("_", "-")
             raise ConfigError(
-                f"--{flag} is for the knowledge domain; with --domain arc use --tasks"
+                f"--{name} is for the knowledge domain; with --domain arc use --tasks"
             )
     flags = {
         "model": args.model,
