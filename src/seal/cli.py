@@ -265,6 +265,17 @@ def _write_json(path: str, obj) -> None:
     print(f"wrote {path}")
 
 
+def cmd_doctor(args) -> int:
+    from seal.doctor import checks
+
+    bad = 0
+    for what, ok, detail in checks(args.judge_url or "", args.api_key_env):
+        print(f"{'ok ' if ok else 'FIX'}  {what:34s} {detail}")
+        bad += not ok
+    print("all good" if not bad else f"{bad} thing(s) to fix")
+    return 0 if not bad else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seal", description="SEAL: self-adapting language models")
     sub = p.add_subparsers(dest="command", required=True)
@@ -307,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--n", type=int, help="self-edits for the sequential and seal modes")
     be.add_argument("--json", help="write the figures to this JSON file")
     be.set_defaults(func=cmd_bench)
+
+    do = sub.add_parser("doctor", help="check the environment and say what to fix")
+    do.add_argument("--judge-url", help="also check this judge endpoint")
+    do.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    do.set_defaults(func=cmd_doctor)
 
     rp = sub.add_parser("report", help="regenerate report.md and plots of a run")
     rp.add_argument("run_dir")
