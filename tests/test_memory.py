@@ -16,10 +16,11 @@ def _rss_mb() -> float:
 
 @pytest.mark.slow
 def test_rss_flat_over_1000_inner_loops(tiny, demo_eval):
-    inner = InnerLoop(tiny, InnerLoopConfig(r=4, alpha=8, epochs=1, max_new_tokens=4,
-                                            capacity=16))
-    jobs = [KnowledgeJob(f"j{i}", [p], training_texts(p, [], PROMPTS["none"]), seed=i)
-            for i, p in enumerate(demo_eval * 100)][:1000]
+    inner = InnerLoop(tiny, InnerLoopConfig(r=4, alpha=8, epochs=1, max_new_tokens=4, capacity=16))
+    jobs = [
+        KnowledgeJob(f"j{i}", [p], training_texts(p, [], PROMPTS["none"]), seed=i)
+        for i, p in enumerate(demo_eval * 100)
+    ][:1000]
     inner.run(jobs[:64])  # warm up allocator pools and caches
     gc.collect()
     before = _rss_mb()

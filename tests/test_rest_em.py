@@ -1,6 +1,7 @@
 """ReST-EM runs on the tiny model: files, selection, resume after SIGKILL == uninterrupted."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -30,10 +31,14 @@ SMALL = [
 KEYS = ("round", "eval_mean", "eval_n", "eval_ci_low", "eval_ci_high", "reward_mean", "n_kept")
 
 
-def seal_run(*args, **kw):
+def seal_run(*args, threads: int | None = None, **kw):
+    env = dict(os.environ)
+    if threads:  # two runs side by side on 2 cores: oversubscribed OpenMP threads crawl
+        env["OMP_NUM_THREADS"] = str(threads)
     return subprocess.Popen(
         [sys.executable, "-m", "seal", "run", *args],
         cwd=ROOT,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

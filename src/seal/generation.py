@@ -9,6 +9,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from transformers import LogitsProcessor
 
 from seal.lora import MultiLoRA
 
@@ -33,6 +34,30 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
+class _PerRowSampler(LogitsProcessor):
+    """Samples each row with its own torch.Generator (temperature, then nucleus top-p) and
+    returns scores that make greedy decoding pick that token. A row's draws then depend on its
+    own seed only, not on what else is in the batch or on the global RNG."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.gens = [torch.Generator().manual_seed(int(s) & 0x7FFF_FFFF_FFFF_FFFF) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids, scores):
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1).cpu()
+        choice = torch.empty(len(self.gens), dtype=torch.long)
+        for r, gen in enumerate(self.gens):
+            p = probs[r]
+            if self.top_p < 1.0:
+                sp, si = torch.sort(p, descending=True)
+                keep = torch.cumsum(sp, 0) - sp < self.top_p  # smallest set reaching top_p
+                p = torch.zeros_like(p).scatter_(0, si[keep], sp[keep])
+            choice[r] = torch.multinomial(p, 1, generator=gen)
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(choice)), choice.to(scores.device)] = 0.0
+        return out
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -43,9 +68,12 @@ def generate(
     lora: MultiLoRA | None = None,
     batch_size: int = 32,
     seed: int | None = None,
+    row_seeds: list[int] | None = None,
 ) -> list[list[int]]:
     """Complete each tokenised prompt; returns the new tokens of each, cut at the first stop
-    token. Prompts are left-padded per batch; sampling is reproducible under `seed`."""
+    token. Prompts are left-padded per batch; sampling is reproducible under `seed`. With
+    `row_seeds`, each row samples from its own generator, so its completion does not depend on
+    the other rows' draws (only, through float rounding, on what it is batched with)."""
     if rows is not None and lora is None:
         raise ValueError("rows given without a MultiLoRA")
     device = next(model.parameters()).device
@@ -60,7 +88,10 @@ def generate(
         pad_token_id=pad,
         eos_token_id=stops,
     )
-    if params.do_sample:
+    per_row = params.do_sample and row_seeds is not None
+    if per_row:
+        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    elif params.do_sample:
         gen_kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
     else:
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
@@ -79,9 +110,20 @@ def generate(
                 att[r, width - len(p) :] = 1
             batch_rows = [rows[i] for i in idx] if rows is not None else None
             ctx = lora.route(batch_rows) if lora is not None else contextlib.nullcontext()
+            extra = {}
+            if per_row:
+                from transformers import LogitsProcessorList
+
+                sampler = _PerRowSampler(
+                    [row_seeds[i] for i in idx], params.temperature, params.top_p
+                )
+                extra["logits_processor"] = LogitsProcessorList([sampler])
             with ctx:
                 res = model.generate(
-                    input_ids=ids.to(device), attention_mask=att.to(device), **gen_kwargs
+                    input_ids=ids.to(device),
+                    attention_mask=att.to(device),
+                    **gen_kwargs,
+                    **extra,
                 )
             for r, i in enumerate(idx):
                 new = res[r, width:].tolist()
@@ -106,12 +148,12 @@ def sample_completions(
     seed: int,
     batch_size: int = 16,
 ) -> list[list[str]]:
-    """`n` sampled completions of each prompt text. Prompt i's n samples form their own batch,
-    drawn under seed + i, so they do not depend on the other prompts (resumable, and a subset
-    of contexts gives the same self-edits)."""
+    """`n` sampled completions of each prompt text, all prompts batched together. Sample j of
+    prompt i draws from its own generator, seeded by (seed + i, j): the same call always gives
+    the same self-edits, and prompt i's do not depend on the others' draws."""
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
-    out: list[list[str]] = []
-    for i, p in enumerate(prompts):
-        seqs = generate(model, tokenizer, [p] * n, params, batch_size=batch_size, seed=seed + i)
-        out.append(decode(tokenizer, seqs))
-    return out
+    flat = [p for p in prompts for _ in range(n)]
+    seeds = [(seed + i) * 1_000_003 + j for i in range(len(prompts)) for j in range(n)]
+    seqs = generate(model, tokenizer, flat, params, batch_size=batch_size, row_seeds=seeds)
+    texts = decode(tokenizer, seqs)
+    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]

@@ -196,6 +196,7 @@ def run(cfg: RunConfig, run_dir: RunDir, log=print, progress_factory=None) -> li
                     contexts,
                     cfg.self_edit.n_samples,
                     seed=cfg.seed * 1_000_003 + rnd * 7919,
+                    batch_size=cfg.self_edit.batch_size,
                 )
                 seconds["sample"] = time.time() - t0
                 # 2. Score each with K inner loops on the current model.
@@ -241,6 +242,7 @@ def run(cfg: RunConfig, run_dir: RunDir, log=print, progress_factory=None) -> li
                 eval_ctx,
                 cfg.eval.n_samples,
                 seed=cfg.seed * 1_000_003 + rnd * 7919 + 17,
+                batch_size=cfg.self_edit.batch_size,
             )
             ev_results = score_phase(
                 run_dir,
@@ -301,25 +303,45 @@ def slice_round(contexts: list, n: int, rnd: int) -> list:
 
 
 def sample_phase(
-    run_dir: RunDir, rel: str, lm, domain: Domain, contexts: list, n: int, seed: int
+    run_dir: RunDir,
+    rel: str,
+    lm,
+    domain: Domain,
+    contexts: list,
+    n: int,
+    seed: int,
+    batch_size: int = 16,
 ) -> dict[str, list[str]]:
-    """M self-edits per context, from `lm`; stored per context as soon as sampled."""
+    """M self-edits per context, from `lm`, for several contexts per batched generation.
+
+    Contexts are cut into fixed chunks by position (so a resumed run batches them as an
+    uninterrupted one would); a chunk's self-edits are stored as soon as it is sampled, and a
+    chunk already stored is not sampled again."""
     from seal.generation import sample_completions
 
     path = run_dir.path / rel
     have = {r["ctx_id"]: r["completions"] for r in read_jsonl(path)}
     params = domain.sampling_params()
-    for i, ctx in enumerate(contexts):
-        cid = domain.context_id(ctx)
-        if cid in have:
+    per_chunk = max(1, batch_size // n)
+    for start in range(0, len(contexts), per_chunk):
+        chunk = contexts[start : start + per_chunk]
+        ids = [domain.context_id(c) for c in chunk]
+        if all(cid in have for cid in ids):
             continue
         if hasattr(domain, "sample_self_edits"):  # e.g. ARC: resample until the JSON parses
-            comps = domain.sample_self_edits(lm, [ctx], n, seed + i)[0]
+            comps = domain.sample_self_edits(lm, chunk, n, seed + start)
         else:
-            prompt = domain.self_edit_prompt(ctx, lm.tokenizer)
-            comps = sample_completions(lm.model, lm.tokenizer, [prompt], n, params, seed + i)[0]
-        append_jsonl(path, [{"ctx_id": cid, "completions": comps, "seed": seed + i}])
-        have[cid] = comps
+            prompts = [domain.self_edit_prompt(c, lm.tokenizer) for c in chunk]
+            comps = sample_completions(
+                lm.model, lm.tokenizer, prompts, n, params, seed + start, batch_size
+            )
+        recs = [
+            {"ctx_id": cid, "completions": c, "seed": seed + start + k}
+            for k, (cid, c) in enumerate(zip(ids, comps, strict=True))
+            if cid not in have
+        ]
+        append_jsonl(path, recs)
+        have.update({r["ctx_id"]: r["completions"] for r in recs})
     return have
 
 
