@@ -103,12 +103,16 @@ def available_memory_bytes(device: torch.device) -> int:
 
 
 def auto_capacity(
-    model, spec: LoRASpec, max_tokens: int, device: torch.device, limit: int = 16
+    model, spec: LoRASpec, max_tokens: int, device: torch.device, limit: int | None = None
 ) -> int:
-    """Adapters to train at once: as many as fit in half the free memory, at most `limit`.
+    """Adapters to train at once: as many as fit in half the free memory, at most `limit`
+    (default: 16 on a GPU; 8 on a CPU, where a pass is compute-bound and more rows per pass
+    add memory but measured no further speed).
 
     Per adapter: fp32 weights, gradients and two AdamW moments (16 bytes a parameter), plus
     the activations of one row of `max_tokens` tokens kept for the backward pass."""
+    if limit is None:
+        limit = 16 if device.type == "cuda" else 8
     cfg = model.config
     hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
     inter = getattr(cfg, "intermediate_size", 4 * hidden)
