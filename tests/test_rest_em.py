@@ -31,8 +31,8 @@ SMALL = [
 KEYS = ("round", "eval_mean", "eval_n", "eval_ci_low", "eval_ci_high", "reward_mean", "n_kept")
 
 
-def seal_run(*args, threads: int | None = None, **kw):
-    env = dict(os.environ)
+def seal_run(*args, threads: int | None = None, env_extra: dict | None = None, **kw):
+    env = {**os.environ, **(env_extra or {})}
     if threads:  # two runs side by side on 2 cores: oversubscribed OpenMP threads crawl
         env["OMP_NUM_THREADS"] = str(threads)
     return subprocess.Popen(
@@ -130,3 +130,55 @@ def test_resume_refuses_a_non_run(tmp_path):
     r = seal_run("--resume", str(tmp_path))
     out, err = r.communicate(timeout=120)
     assert r.returncode == 2 and "not a run directory" in err
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref") / "run"
+    p = seal_run("configs/demo.yaml", *SMALL, "rounds=1", "--run-dir", str(d))
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    return d
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        "phase:sample",
+        "phase:score",
+        "after_chunk",
+        "phase:sft",
+        "phase:eval",
+        "phase:report",
+        "torn_write",
+    ],
+)
+def test_sigkill_at_every_phase_then_resume(tmp_path, reference_run, point):
+    d = tmp_path / "run"
+    p = seal_run(
+        "configs/demo.yaml",
+        *SMALL,
+        "rounds=1",
+        "--run-dir",
+        str(d),
+        env_extra={"SEAL_FAILPOINT": point},
+    )
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == -signal.SIGKILL, (p.returncode, err)
+    r = seal_run("--resume", str(d))
+    out, err = r.communicate(timeout=600)
+    assert r.returncode == 0, err
+    if point == "torn_write":
+        assert "truncated or corrupt" in err
+    for rel in ("self_edits/round_1.jobs.jsonl", "eval/round_0.jobs.jsonl"):
+        keys = [
+            json.loads(x)["key"]
+            for x in (d / rel).read_text().splitlines()
+            if x.strip().endswith("}")
+        ]
+        assert len(keys) == len(set(keys)), f"{rel}: an inner loop was recomputed"
+    a = [{k: m[k] for k in KEYS} for m in metrics(reference_run)]
+    b = [{k: m[k] for k in KEYS} for m in metrics(d)]
+    assert a == b
+    assert json.loads((d / "state.json").read_text())["phase"] == "finished"
+    assert (d / "report.md").exists()

@@ -196,7 +196,9 @@ def cmd_run(args) -> int:
             log=lambda m: bar.console.print(m, markup=False, highlight=False),
             progress_factory=_progress_factory(bar),
         )
+    rd.set_state(phase="report")
     report = write_report(rd)
+    rd.set_state(phase="finished")
     con.print(_round_table(metrics))
     print(f"report: {report}")
     return 0

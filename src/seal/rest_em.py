@@ -31,7 +31,14 @@ from seal.inner_loop import InnerLoopConfig
 from seal.loggers import build_logger
 from seal.lora import ALL_LINEAR, LoRASpec, MultiLoRA
 from seal.models import DEFAULT_MODEL
-from seal.runs import RunDir, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from seal.runs import (
+    RunDir,
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_text,
+    failpoint,
+    read_jsonl,
+)
 from seal.training import AdapterJob, TrainHP, prompt_completion_example, train_adapters
 
 # --------------------------------------------------------------------------------------------
@@ -390,6 +397,7 @@ def score_phase(
         ]
         append_jsonl(path, recs)
         done.update({r["key"]: r for r in recs})
+        failpoint("after_chunk")
 
     if progress is not None:
         progress.total = len(jobs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,14 @@ def safe_child(root: Path, *parts: str) -> Path:
     if not path.resolve().is_relative_to(root.resolve()):
         raise ValueError(f"refusing path outside {root}: {path}")
     return path
+
+
+def failpoint(name: str) -> None:
+    """Testing hook: SIGKILL this process at the named point when $SEAL_FAILPOINT lists it
+    (comma-separated). The fault-injection tests use it to crash a run at every phase."""
+    points = os.environ.get("SEAL_FAILPOINT", "")
+    if points and name in points.split(","):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -57,7 +66,13 @@ def append_jsonl(path: Path, records: list[dict]) -> None:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":
                 f.write(b"\n")
-        f.write(data.encode("utf-8"))
+        raw = data.encode("utf-8")
+        if "torn_write" in os.environ.get("SEAL_FAILPOINT", "").split(","):
+            f.write(raw[: len(raw) // 2])  # a crash in the middle of a write
+            f.flush()
+            os.fsync(f.fileno())
+            failpoint("torn_write")
+        f.write(raw)
         f.flush()
         os.fsync(f.fileno())
 
@@ -134,6 +149,8 @@ class RunDir:
         st = self.state()
         st.update(updates, updated=time.time())
         atomic_write_json(self.file("state.json"), st)
+        if "phase" in updates:
+            failpoint(f"phase:{updates['phase']}")
 
     def metrics(self) -> list[dict]:
         return read_jsonl(self.file("metrics.jsonl"))
