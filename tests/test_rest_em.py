@@ -60,7 +60,7 @@ def test_run_writes_the_run_directory(tmp_path):
     for line in m:
         assert set(KEYS) | {"seconds"} <= line.keys()
     assert (d / "config.yaml").exists() and (d / "state.json").exists()
-    assert json.loads((d / "state.json").read_text())["phase"] == "done"
+    assert json.loads((d / "state.json").read_text())["phase"] == "finished"
     scored = [json.loads(x) for x in (d / "self_edits" / "round_1.jsonl").read_text().splitlines()]
     assert len(scored) == 2 * 2  # contexts x samples
     assert all(len(s["seeds"]) == 2 and "reward" in s for s in scored)
