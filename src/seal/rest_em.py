@@ -19,7 +19,7 @@ teacher writes and is trained; the student is adapted and scored and stays fixed
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,9 +35,9 @@ from seal.runs import (
     RunDir,
     append_jsonl,
     atomic_write_json,
-    atomic_write_text,
     failpoint,
     read_jsonl,
+    write_jsonl,
 )
 from seal.training import AdapterJob, TrainHP, prompt_completion_example, train_adapters
 
@@ -462,15 +462,7 @@ def _write_scored(run_dir: RunDir, rnd: int, scored: list[dict], kept: list[dict
         | {"kept": (s["ctx_id"], s["sample"]) in kept_ids}
         for s in scored
     ]
-    atomic_write_text(
-        run_dir.file("self_edits", f"round_{rnd}.jsonl"), "".join(_json_line(x) for x in lines)
-    )
-
-
-def _json_line(x: dict) -> str:
-    import json
-
-    return json.dumps(x, separators=(",", ":")) + "\n"
+    write_jsonl(run_dir.file("self_edits", f"round_{rnd}.jsonl"), lines)
 
 
 def eval_item_scores(contexts, samples, results, domain) -> list[float]:
@@ -583,7 +575,7 @@ def full_fine_tune(model, examples, hp: TrainHP, seed: int, tok):
 
     import torch.nn.functional as F
 
-    from seal.training import TrainStats, causal_lm_parts, lr_factor
+    from seal.training import TrainStats, causal_lm_parts, lr_factor, pad_right
 
     params = [p for p in model.parameters()]
     for p in params:
@@ -604,13 +596,7 @@ def full_fine_tune(model, examples, hp: TrainHP, seed: int, tok):
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     try:
         for step, batch in enumerate(batches):
-            width = max(len(e.input_ids) for e in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.bool)
-            for r, e in enumerate(batch):
-                ids[r, : len(e.input_ids)] = torch.tensor(e.input_ids)
-                mask[r, : len(e.loss_mask)] = torch.tensor(e.loss_mask)
-            ids, mask = ids.to(device), mask.to(device)
+            ids, mask = pad_right([(e.input_ids, e.loss_mask) for e in batch], pad, device)
             hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
             tm = mask[:, 1:]
             loss = F.cross_entropy(head(hidden[:, :-1][tm]).float(), ids[:, 1:][tm])
@@ -662,6 +648,3 @@ def resolved_config_yaml(cfg: RunConfig) -> str:
 
     header = "# The resolved config of this run (seal run --resume DIR continues it).\n"
     return header + yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-__all__ = ["RunConfig", "run", "asdict"]

@@ -53,12 +53,21 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """Replace `path` with these records as JSON lines, atomically."""
+    atomic_write_text(path, _jsonl(records))
+
+
 def append_jsonl(path: Path, records: list[dict]) -> None:
     """Append records as JSON lines, durably (fsync) before returning."""
     if not records:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+    data = _jsonl(records)
     with open(path, "a+b") as f:
         # A crash may have left the file without a final newline: start on a fresh line.
         f.seek(0, os.SEEK_END)

@@ -115,6 +115,17 @@ def causal_lm_parts(model):
     return model.base_model, model.get_output_embeddings()
 
 
+def pad_right(seqs: list[tuple[list[int], list[bool]]], pad_id: int, device):
+    """(token ids, loss mask) rows right-padded to the longest one, as tensors on `device`."""
+    width = max(len(ids) for ids, _ in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for r, (s, m) in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s)
+        mask[r, : len(m)] = torch.tensor(m)
+    return ids.to(device), mask.to(device)
+
+
 def _batch_len(batch: list[Example], max_len: int) -> int:
     return max(min(len(e.input_ids), max_len) for e in batch)
 
@@ -190,13 +201,8 @@ def train_adapters(
                     rows.append(jobs[i].slot)
                     seqs.append((ex.input_ids[:n], ex.loss_mask[:n]))
                     owners.append(i)
-            width = max(len(s[0]) for s in seqs)
-            ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-            for r, (s, m) in enumerate(seqs):
-                ids[r, : len(s)] = torch.tensor(s)
-                mask[r, : len(m)] = torch.tensor(m)
-            ids, mask = ids.to(device), mask.to(device)
+            ids, mask = pad_right(seqs, pad_id, device)
+            width = ids.shape[1]
             # Right padding under a causal mask: real tokens never attend to the pads after
             # them, so no attention mask is needed (and the fast causal kernel is used).
             with lora.route(rows):
