@@ -220,7 +220,7 @@ _texty = st.lists(
 ).map("".join)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=700, deadline=None)
 @given(st.text(max_size=60))
 def test_normalize_idempotent(s):
     once = normalize_answer(s)
@@ -243,7 +243,7 @@ def test_contains_self(x):
         assert contains(x, x) == 1.0
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=700, deadline=None)
 @given(st.one_of(st.text(), st.none(), st.integers(), st.binary()))
 def test_parse_judge_reply_never_raises(reply):
     assert parse_judge_reply(reply) in (True, False, None)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from seal import stats
 from seal.config import JudgeConfig, SelfEditConfig, f
 from seal.domains.knowledge import (
+    DataError,
     Passage,
     load_passages,
     load_teacher_self_edits,
@@ -107,7 +108,7 @@ def run_baselines(cfg: BaselinesConfig, lm=None, log=print, progress=None) -> di
         passages = passages[: cfg.limit]
     passages = [p for p in passages if p.questions]
     if not passages:
-        raise ValueError(f"{cfg.data}: no passages with questions")
+        raise DataError(f"{cfg.data}: no passages with questions")
     lm = lm or load_model(cfg.model, cfg.device, cfg.dtype, progress=log)
     judge = cfg.judge.build()
     inner = InnerLoop(lm, cfg.inner_loop, judge=judge)

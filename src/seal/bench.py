@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from seal import stats
-from seal.config import f
+from seal.config import f, from_dict, to_dict
 from seal.domains.knowledge import (
     PROMPTS,
     answer_prompt_text,
@@ -58,6 +58,9 @@ class BenchConfig:
     device: str = f("auto", "auto, cpu or cuda")
     dtype: str = f("auto", "auto, bf16, fp16 or fp32")
     seed: int = f(0, "seed")
+    ray_workers: tuple[int, ...] = f((1, 2), "ray mode: worker counts to measure")
+    ray_cpus_per_worker: float = f(0, "ray mode: CPUs per worker (0 = CPUs / most workers)")
+    ray_address: str = f("", "ray mode: cluster to join ('' = a local one)")
 
     def __post_init__(self):
         if self.inner_loop is None:
@@ -227,6 +230,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     log(f"[bench] measured {lm.dtype} matmul peak: {peak / 1e9:.0f} GFLOP/s")
 
     for mode in cfg.modes:
+        if mode == "ray":
+            res["ray"] = run_ray_scaling(cfg, jobs[: cfg.n], log)
+            continue
         t0 = time.time()
         if mode == "reference":
             sub = jobs[: cfg.n_reference]
@@ -273,6 +279,10 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             return round(m[a]["evals_per_hour"] / m[b]["evals_per_hour"], 2)
         return None
 
+    if "ray" in res:
+        res["ray_scaling_efficiency"] = {
+            str(r["workers"]): r["scaling_efficiency"] for r in res["ray"]["workers"]
+        }
     res["speedup_vs_reference"] = ratio("seal", "reference")
     res["speedup_vs_sequential"] = ratio("seal", "sequential")
     res["mfu"] = m.get("seal", {}).get("mfu")
@@ -280,6 +290,76 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         res["sampling_tokens_per_s"] = _sampling_speed(lm, passages[: cfg.sample_passages], cfg)
     res["peak_rss_gb"] = round(peak_rss_gb(), 2)
     return res
+
+
+class BenchRunner:
+    """The inner loop on one model as a Runner over KnowledgeJobs (what a Ray worker runs)."""
+
+    def __init__(self, lm, inner_cfg: InnerLoopConfig):
+        self.inner = InnerLoop(lm, inner_cfg)
+        self.capacity = self.inner.capacity
+
+    def run(self, jobs):
+        return self.inner.run(jobs)
+
+    def close(self):
+        self.inner.close()
+
+
+def _bench_runner(inner_cfg: dict, lm) -> BenchRunner:
+    return BenchRunner(lm, from_dict(InnerLoopConfig, inner_cfg))
+
+
+def run_ray_scaling(cfg: BenchConfig, jobs: list[KnowledgeJob], log=print) -> dict:
+    """Inner-loop throughput on 1..W Ray workers of equal size (the same jobs each time):
+    evals/hour per worker count and the scaling efficiency against linear (W x one worker).
+    Worker start-up (model load) is timed apart from the jobs."""
+    import functools
+
+    from seal.executors import RayExecutor, WorkerSpec, _import_ray
+
+    ray = _import_ray()
+    if not ray.is_initialized():
+        ray.init(
+            address=cfg.ray_address or None,
+            include_dashboard=False,
+            logging_level="WARNING",
+            log_to_driver=False,
+        )
+    cpus = cfg.ray_cpus_per_worker or max(
+        1, int(ray.cluster_resources().get("CPU", 1) // max(cfg.ray_workers))
+    )
+    inner = to_dict(replace(cfg.inner_loop, capacity=cfg.capacity))
+    spec = WorkerSpec(cfg.model, cfg.device, cfg.dtype, functools.partial(_bench_runner, inner))
+    rows, base = [], None
+    for w in cfg.ray_workers:
+        t0 = time.time()
+        ex = RayExecutor(spec, workers=w, cpus_per_worker=cpus, gpus_per_worker=0, log=log)
+        startup = time.time() - t0
+        results: list = []
+        t0 = time.time()
+        ex.run(jobs, lambda chunk, res, out=results: out.extend(res))
+        seconds = time.time() - t0
+        ex.close()
+        per_hour = 3600 * len(jobs) / seconds
+        base = base or per_hour / w
+        row = {
+            "workers": w,
+            "cpus_per_worker": cpus,
+            "capacity": ex.capacity,
+            "startup_seconds": round(startup, 1),
+            "seconds": round(seconds, 2),
+            "evals_per_hour": round(per_hour, 1),
+            "scaling_efficiency": round(per_hour / (w * base), 3),
+            "accuracy": _accuracy(results, cfg.inner_loop.reward_metric),
+        }
+        rows.append(row)
+        log(
+            f"[bench] ray x{w} ({cpus} CPU each): {row['evals_per_hour']:8.1f} evals/h  "
+            f"efficiency {100 * row['scaling_efficiency']:.0f}% of linear  "
+            f"(start-up {startup:.0f}s)"
+        )
+    return {"workers": rows, "n_self_edits": len(jobs)}
 
 
 def _pct(x):

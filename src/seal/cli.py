@@ -74,6 +74,10 @@ def cmd_prompts(args) -> int:
 
 def _load_config(cls, path: str | None, flag_values: dict, overrides: list[str]):
     data = read_yaml(path) if path else {}
+    try:
+        from_dict(cls, data)  # the file alone first, so its errors name it
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     data = deep_merge(data, {k: v for k, v in flag_values.items() if v is not None})
     data = deep_merge(data, parse_overrides(overrides))
     cfg = from_dict(cls, data)
@@ -171,7 +175,10 @@ def cmd_run(args) -> int:
     else:
         if not args.config:
             raise ConfigError("seal run needs a CONFIG.yaml (or --resume RUN_DIR)")
-        cfg = _load_config(rest_em.RunConfig, args.config, {}, args.overrides)
+        executor = {"kind": args.executor, "workers": args.workers, "address": args.ray_address}
+        executor = {k: v for k, v in executor.items() if v is not None}
+        flags = {"executor": executor} if executor else {}
+        cfg = _load_config(rest_em.RunConfig, args.config, flags, args.overrides)
         rd = RunDir(args.run_dir) if args.run_dir else RunDir.fresh("runs", Path(args.config).stem)
         if rd.exists():
             raise ConfigError(f"{rd.path} already holds a run; use --resume {rd.path}")
@@ -242,8 +249,14 @@ def cmd_bench(args) -> int:
     from seal.bench import BenchConfig, run_bench
 
     flags = {"model": args.model, "data": args.data, "n": args.n}
+    if args.executor == "ray":
+        flags["modes"] = ["ray"]
+        flags["ray_workers"] = [int(w) for w in (args.workers or "1,2").split(",")]
+        flags["ray_address"] = args.ray_address
     cfg = _load_config(BenchConfig, args.config, flags, args.overrides)
     res = run_bench(cfg)
+    if "ray" in res:
+        print(json.dumps(res["ray"]["workers"], indent=1))
     print(
         json.dumps(
             {
@@ -310,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="key=value overrides (e.g. rounds=2)")
     r.add_argument("--run-dir", help="run directory (default: runs/<time>-<config name>)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
+    r.add_argument("--executor", choices=["inprocess", "ray"], help="= executor.kind")
+    r.add_argument("--workers", type=int, help="= executor.workers (ray actors)")
+    r.add_argument("--ray-address", help="= executor.address ('auto' joins a running cluster)")
     r.set_defaults(func=cmd_run)
 
     be = sub.add_parser("bench", help="inner-loop throughput vs the reference design")
@@ -318,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--model")
     be.add_argument("--data")
     be.add_argument("--n", type=int, help="self-edits for the sequential and seal modes")
+    be.add_argument(
+        "--executor", choices=["inprocess", "ray"], help="ray: throughput per worker count"
+    )
+    be.add_argument("--workers", help="ray worker counts to measure, e.g. 1,2 (default 1,2)")
+    be.add_argument("--ray-address", help="join this Ray cluster ('auto') instead of a local one")
     be.add_argument("--json", help="write the figures to this JSON file")
     be.set_defaults(func=cmd_bench)
 
@@ -354,9 +375,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # user-facing errors from data and models: one line, no traceback
         from seal.domains.knowledge import DataError
+        from seal.executors import ExecutorError, MissingDependency
         from seal.models import ModelUnavailable
+        from seal.runs import CorruptFile
 
-        if isinstance(e, (DataError, ModelUnavailable, FileNotFoundError)):
+        user = (DataError, ModelUnavailable, FileNotFoundError, MissingDependency, CorruptFile)
+        if isinstance(e, user):
             print(f"seal: {e}", file=sys.stderr)
             return 2
+        if isinstance(e, ExecutorError):  # finished inner loops are on disk: --resume
+            print(f"seal: {e}", file=sys.stderr)
+            return 1
         raise

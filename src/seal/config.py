@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -52,10 +53,19 @@ class SelfEditConfig:
 
         for name, spec in self.extra_prompts.items():
             _check(
+                isinstance(name, str), f"self_edit.extra_prompts.{name}", "name must be a string"
+            )
+            _check(
                 isinstance(spec, dict) and "instruction" in spec and "cue" in spec,
                 f"self_edit.extra_prompts.{name}",
                 "needs 'instruction' and 'cue'",
             )
+            for k in ("instruction", "cue", "split", "cue_marker"):
+                _check(
+                    isinstance(spec.get(k, ""), str),
+                    f"self_edit.extra_prompts.{name}.{k}",
+                    "must be a string",
+                )
             _check(
                 spec.get("split", "lines") in ("lines", "qa", "after_cue", "whole", "none"),
                 f"self_edit.extra_prompts.{name}.split",
@@ -154,6 +164,12 @@ def validate_inner_loop(c: InnerLoopConfig, prefix: str = "inner_loop") -> None:
     _check(c.max_seq_len >= 8, f"{prefix}.max_seq_len", "must be >= 8")
     _check(c.max_new_tokens >= 1, f"{prefix}.max_new_tokens", "must be >= 1")
     _check(c.capacity >= 0, f"{prefix}.capacity", "must be >= 0 (0 = automatic)")
+    _check(c.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
+    _check(
+        c.max_grad_norm is None or c.max_grad_norm > 0,
+        f"{prefix}.max_grad_norm",
+        "must be > 0 (or null: no clipping)",
+    )
     _check(
         c.reward_metric in grading.METRICS,
         f"{prefix}.reward_metric",
@@ -174,6 +190,11 @@ def validate_inner_loop(c: InnerLoopConfig, prefix: str = "inner_loop") -> None:
 
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
+
+
+def _short(value: Any, n: int = 80) -> str:
+    r = repr(value) if not isinstance(value, int) or abs(value) < 10**60 else "a huge integer"
+    return r if len(r) <= n else r[: n - 3] + "..."
 
 
 def _coerce(value: Any, tp, key: str):
@@ -217,8 +238,14 @@ def _coerce(value: Any, tp, key: str):
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{key}: expected a number, got {_short(value)}")
+        try:
+            out = float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: number too large") from None
+        if not math.isfinite(out):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return out
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
@@ -274,6 +301,10 @@ def parse_overrides(items: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        except (RecursionError, ValueError) as e:  # absurd nesting; integers past 4,300 digits
+            raise ConfigError(
+                f"override {key.strip()!r}: unreadable value ({_reason(e)})"
+            ) from None
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -282,6 +313,10 @@ def parse_overrides(items: list[str]) -> dict:
                 raise ConfigError(f"override {item!r}: {p} is not a section")
         node[parts[-1]] = value
     return out
+
+
+def _reason(e: Exception) -> str:
+    return "nested too deeply" if isinstance(e, RecursionError) else "a number too long"
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -306,6 +341,8 @@ def read_yaml(path: str | Path) -> dict:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    except (RecursionError, ValueError) as e:  # absurd nesting; integers past 4,300 digits
+        raise ConfigError(f"{path}: invalid YAML ({_reason(e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data

@@ -398,7 +398,7 @@ class VerdictCache:
                     correct = record["correct"]
                     if not isinstance(key, str) or not isinstance(correct, bool):
                         raise ValueError("bad field types")
-                except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+                except (ValueError, KeyError, TypeError, RecursionError) as exc:
                     logger.warning(
                         "skipping unreadable judge cache line %d in %s (%s)", lineno, self.path, exc
                     )

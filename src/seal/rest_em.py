@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import torch
 
 from seal import stats
-from seal.config import JudgeConfig, SelfEditConfig, _check, f, to_dict
+from seal.config import JudgeConfig, SelfEditConfig, _check, f, from_dict, to_dict
 from seal.domains.base import Domain, Job, Result
-from seal.executors import build_executor
+from seal.executors import WorkerSpec, build_executor
 from seal.inner_loop import InnerLoopConfig
 from seal.loggers import build_logger
 from seal.lora import ALL_LINEAR, LoRASpec, MultiLoRA
@@ -119,11 +119,19 @@ class EvalConfig:
 
 @dataclass
 class ExecutorConfig:
-    kind: str = f("inprocess", "inprocess (ray: see the scale-out docs)")
-    workers: int = f(1, "workers for distributed executors")
+    """Where inner loops run: in this process, or on Ray actors (docs/scaling.md)."""
+
+    kind: str = f("inprocess", "inprocess or ray (needs `pip install 'seal-lm[ray]'`)")
+    workers: int = f(0, "ray: actors (0 = one per GPU, or 1 on a CPU-only cluster)")
+    address: str = f("", "ray: cluster to join ('auto', 'ray://host:10001'); '' starts a local one")
+    cpus_per_worker: float = f(0, "ray: CPUs per actor (0 = the cluster's CPUs / workers)")
+    gpus_per_worker: float = f(-1, "ray: GPUs per actor (-1 = 1 when the cluster has GPUs)")
+    max_retries: int = f(2, "ray: retries of a chunk of jobs whose actor died or failed")
 
     def validate(self) -> None:
         _check(self.kind in ("inprocess", "ray"), "executor.kind", "must be inprocess or ray")
+        _check(self.workers >= 0, "executor.workers", "must be >= 0")
+        _check(self.max_retries >= 0, "executor.max_retries", "must be >= 0")
 
 
 @dataclass
@@ -177,12 +185,13 @@ def run(cfg: RunConfig, run_dir: RunDir, log=print, progress_factory=None) -> li
     # weights equal those of the run that wrote them).
     generator = teacher or student
     done_rounds = [m["round"] for m in run_dir.metrics()]
+    restored = []
     for r in range(1, (max(done_rounds) if done_rounds else 0) + 1):
-        if run_dir.file("checkpoints", f"round_{r}").exists():
-            load_generator_update(generator, run_dir.file("checkpoints", f"round_{r}"), cfg)
-    executor = build_executor(
-        cfg.executor.kind, lambda: domain.make_runner(student), workers=cfg.executor.workers
-    )
+        update = read_generator_update(run_dir.file("checkpoints", f"round_{r}"), cfg)
+        if update is not None:
+            apply_generator_update(generator, update)
+            restored.append(update)
+    executor = make_executor(cfg, domain, student, restored, log)
     logger = build_logger(run_dir.path, cfg.logging.tensorboard)
     progress = progress_factory or (lambda desc, total: _NoBar())
     metrics = run_dir.metrics()
@@ -236,6 +245,8 @@ def run(cfg: RunConfig, run_dir: RunDir, log=print, progress_factory=None) -> li
                 sft_info = fine_tune_generator(
                     generator, domain, kept, cfg, ckpt, seed=cfg.seed * 31 + rnd
                 )
+                if teacher is None:  # the scored model is the generator: workers follow it
+                    executor.model_updated(read_generator_update(ckpt, cfg))
                 seconds["sft"] = time.time() - t0
             # 5. Evaluate the current generator on held-out contexts.
             run_dir.set_state(round=rnd, phase="eval")
@@ -545,28 +556,87 @@ def _read_update_info(ckpt_dir) -> dict:
     return json.loads((ckpt_dir / "update.json").read_text())
 
 
-def load_generator_update(lm, ckpt_dir, cfg: RunConfig) -> None:
-    """Apply a finished round's generator update from disk, exactly as it was applied."""
+def read_generator_update(ckpt_dir, cfg: RunConfig) -> dict | None:
+    """A finished round's generator update as plain data (CPU tensors), or None if the round
+    wrote none: {"kind": "lora", "spec": LoRASpec, "state": {...}} (merged when applied) or
+    {"kind": "full", "state": state_dict}. Workers of a distributed executor receive it."""
     if not (ckpt_dir / "update.json").exists():
-        return
-    if (ckpt_dir / "adapter_model.safetensors").exists():
-        from safetensors.torch import load_file
+        return None
+    from safetensors.torch import load_file
 
+    if (ckpt_dir / "adapter_model.safetensors").exists():
         sft = cfg.rest_em.sft
-        lora = MultiLoRA(lm.model, 1, LoRASpec(sft.r, sft.alpha, tuple(sft.target_modules)))
         tensors = load_file(str(ckpt_dir / "adapter_model.safetensors"))
+        prefix = "base_model.model."
         state = {}
-        for name in lora.names:
-            key = f"base_model.model.{name}"
-            state[f"{name}.lora_A"] = tensors[f"{key}.lora_A.weight"].T
-            state[f"{name}.lora_B"] = tensors[f"{key}.lora_B.weight"].T
-        lora.load_state(0, state)
+        for key, t in tensors.items():
+            name, _, kind = key.removeprefix(prefix).rpartition(".lora_")
+            state[f"{name}.lora_{kind.split('.')[0]}"] = t.T
+        spec = LoRASpec(sft.r, sft.alpha, tuple(sft.target_modules))
+        return {"kind": "lora", "spec": spec, "state": state}
+    if (ckpt_dir / "model.safetensors").exists():
+        return {"kind": "full", "state": load_file(str(ckpt_dir / "model.safetensors"))}
+    return None
+
+
+def apply_generator_update(lm, update: dict | None) -> None:
+    """Apply an update from read_generator_update exactly as the round applied it."""
+    if update is None:
+        return
+    if update["kind"] == "lora":
+        lora = MultiLoRA(lm.model, 1, update["spec"])
+        lora.load_state(0, update["state"])
         lora.merge(0)
         lora.remove()
-    elif (ckpt_dir / "model.safetensors").exists():
-        from safetensors.torch import load_file
+    else:
+        lm.model.load_state_dict(update["state"], strict=False)
 
-        lm.model.load_state_dict(load_file(str(ckpt_dir / "model.safetensors")), strict=False)
+
+def load_generator_update(lm, ckpt_dir, cfg: RunConfig) -> None:
+    """Apply a finished round's generator update from disk, exactly as it was applied."""
+    apply_generator_update(lm, read_generator_update(ckpt_dir, cfg))
+
+
+def runner_from_config(cfg_dict: dict, lm):
+    """The domain's inner-loop runner on `lm`, from a plain config: what a worker of a
+    distributed executor builds (it needs no data files, only the model)."""
+    cfg = from_dict(RunConfig, cfg_dict)
+    if cfg.domain == "knowledge":
+        from seal.domains.knowledge import KnowledgeRunner
+
+        return KnowledgeRunner(lm, cfg.inner_loop, cfg.judge.build())
+    from seal.domains.arc.domain import ArcRunner
+    from seal.domains.arc.ttt import parse_arc_settings
+
+    return ArcRunner(lm, cfg.inner_loop, parse_arc_settings(cfg.arc))
+
+
+def make_executor(cfg: RunConfig, domain: Domain, student, restored: list, log=print):
+    """The configured executor over the student (the model the inner loops adapt)."""
+    e = cfg.executor
+    if e.kind == "inprocess":
+        return build_executor("inprocess", lambda: domain.make_runner(student))
+    import functools
+
+    spec = WorkerSpec(
+        cfg.model,
+        cfg.device,
+        cfg.dtype,
+        functools.partial(runner_from_config, to_dict(cfg)),
+        # Workers load the student from scratch: in self mode it carries the updates so far.
+        updates=restored if not cfg.teacher_model else [],
+    )
+    return build_executor(
+        "ray",
+        None,
+        spec,
+        workers=e.workers,
+        address=e.address,
+        cpus_per_worker=e.cpus_per_worker,
+        gpus_per_worker=e.gpus_per_worker,
+        max_retries=e.max_retries,
+        log=log,
+    )
 
 
 def full_fine_tune(model, examples, hp: TrainHP, seed: int, tok):
@@ -622,10 +692,15 @@ def full_fine_tune(model, examples, hp: TrainHP, seed: int, tok):
 
 def build_domain(cfg: RunConfig, log=print) -> Domain:
     if cfg.domain == "knowledge":
-        from seal.domains.knowledge import KnowledgeDomain, load_passages
+        from seal.domains.knowledge import DataError, KnowledgeDomain, load_passages
 
         train = [p for p in load_passages(cfg.data.train, "train") if p.questions]
         ev = [p for p in load_passages(cfg.data.eval, "eval") if p.questions]
+        for name, got in (("data.train", train), ("data.eval", ev)):
+            if not got:
+                raise DataError(
+                    f"{getattr(cfg.data, name[5:])} ({name}): no passages with questions"
+                )
         return KnowledgeDomain(train, ev, cfg.self_edit, cfg.inner_loop, cfg.judge.build())
     from seal.domains.arc.domain import ArcDomain
 

@@ -33,9 +33,17 @@ def safe_child(root: Path, *parts: str) -> Path:
 
 def failpoint(name: str) -> None:
     """Testing hook: SIGKILL this process at the named point when $SEAL_FAILPOINT lists it
-    (comma-separated). The fault-injection tests use it to crash a run at every phase."""
+    (comma-separated). The fault-injection tests use it to crash a run at every phase. With
+    $SEAL_FAILPOINT_ONCE=DIR a point fires once across all processes (the first to create
+    DIR/name), e.g. to kill one of several Ray workers."""
     points = os.environ.get("SEAL_FAILPOINT", "")
     if points and name in points.split(","):
+        once = os.environ.get("SEAL_FAILPOINT_ONCE")
+        if once:
+            try:
+                os.close(os.open(os.path.join(once, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -101,7 +109,7 @@ def read_jsonl(path: Path, warn=None) -> list[dict]:
                 if not isinstance(rec, dict):
                     raise ValueError("not an object")
                 out.append(rec)
-            except (ValueError, UnicodeDecodeError) as e:
+            except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
                 (warn or _stderr)(
                     f"[seal] {path}: line {n} is truncated or corrupt ({e}); "
                     "its work will be redone"
@@ -109,13 +117,17 @@ def read_jsonl(path: Path, warn=None) -> list[dict]:
     return out
 
 
+class CorruptFile(ValueError):
+    """A run-directory file that cannot be read; the message names it and what to do."""
+
+
 def read_json(path: Path, default=None):
     if not path.exists():
         return default
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: corrupt JSON ({e}); delete it to recompute") from None
+    except (ValueError, RecursionError) as e:
+        raise CorruptFile(f"{path}: corrupt JSON ({e}); delete it to recompute") from None
 
 
 def _stderr(msg: str) -> None:
@@ -152,7 +164,14 @@ class RunDir:
 
     # state
     def state(self) -> dict:
-        return read_json(self.file("state.json"), default={}) or {}
+        """Where the run stands (informational: resume works from the files themselves, so
+        an unreadable state.json is reported and rewritten, never fatal)."""
+        try:
+            st = read_json(self.file("state.json"), default={})
+        except CorruptFile as e:
+            _stderr(f"[seal] {e} (ignored: it is rewritten)")
+            return {}
+        return st if isinstance(st, dict) else {}
 
     def set_state(self, **updates) -> None:
         st = self.state()

@@ -48,21 +48,57 @@ def passage_id(title: str, context: str) -> str:
     return hashlib.sha256(f"{title}\n{context}".encode()).hexdigest()[:16]
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    # JSON parsers keep the last of repeated keys silently; in a data file a repeated key
+    # ("context" twice after a bad merge) is a mistake whose intended value nobody knows.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
 def _read_json(path: Path):
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark (Windows editors) is fine
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 (byte {e.start})") from None
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise DataError(
             f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
         ) from None
+    except _DuplicateKey as e:
+        raise DataError(f"{path}: duplicate key {e.args[0]!r} in one object") from None
+    except RecursionError:
+        raise DataError(f"{path}: invalid JSON: nested too deeply") from None
+    except ValueError as e:  # an integer of more than 4,300 digits
+        raise DataError(f"{path}: invalid JSON: {str(e).split(';')[0]}") from None
+
+
+def _check_text(value: str, where: str, key: str) -> str:
+    # JSON can escape lone surrogates ("\ud800"), which are not text: they cannot be encoded,
+    # hashed or tokenized, so they are rejected here rather than deep in a run.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            f"{where}: field {key!r} has an invalid character at position {e.start} "
+            "(a lone surrogate escape)"
+        ) from None
+    return value
 
 
 def _str_field(rec: dict, key: str, where: str, allow_empty: bool = False) -> str:
@@ -73,7 +109,7 @@ def _str_field(rec: dict, key: str, where: str, allow_empty: bool = False) -> st
         raise DataError(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
     if not allow_empty and not v.strip():
         raise DataError(f"{where}: field {key!r} is empty")
-    return v
+    return _check_text(v, where, key)
 
 
 MAX_CONTEXT_CHARS = 100_000
@@ -104,9 +140,11 @@ def _passage_from_record(rec, where: str) -> Passage:
         elif isinstance(ans, list) and ans and all(isinstance(a, str) for a in ans):
             answers = tuple(ans)
         elif isinstance(ans, list) and ans and all(isinstance(a, dict) for a in ans):
-            answers = tuple(_str_field(a, "text", f"{qw}.answers") for a in ans)
+            answers = tuple(_str_field(a, "text", f"{qw}.answers[{m}]") for m, a in enumerate(ans))
         else:
             raise DataError(f"{qw}: field 'answer' must be a non-empty string or list of strings")
+        for m, a in enumerate(answers):
+            _check_text(a, qw, f"answer[{m}]")
         questions.append(Question(text, answers))
     return Passage(passage_id(title, context), title, context, tuple(questions))
 
@@ -132,28 +170,30 @@ def load_squad_official(path: str | Path) -> list[Passage]:
         if not isinstance(article, dict):
             raise DataError(f"{where}: expected an object")
         title = _str_field(article, "title", where).replace("_", " ")
-        for k, para in enumerate(article.get("paragraphs", [])):
+        paragraphs = article.get("paragraphs", [])
+        if not isinstance(paragraphs, list):
+            raise DataError(f"{where}: field 'paragraphs' must be a list")
+        for k, para in enumerate(paragraphs):
             pw = f"{where}.paragraphs[{k}]"
             if not isinstance(para, dict):
                 raise DataError(f"{pw}: expected an object")
             qas = para.get("qas", [])
             if not isinstance(qas, list):
                 raise DataError(f"{pw}: field 'qas' must be a list")
-            rec = {
-                "title": title,
-                "context": para.get("context"),
-                "questions": [
-                    {
-                        "question": qa.get("question") if isinstance(qa, dict) else None,
-                        "answers": [
-                            a.get("text") for a in qa.get("answers", []) if isinstance(a, dict)
-                        ]
-                        if isinstance(qa, dict)
-                        else None,
-                    }
-                    for qa in qas
-                ],
-            }
+            questions = []
+            for j, qa in enumerate(qas):
+                if not isinstance(qa, dict):
+                    raise DataError(f"{pw}.qas[{j}]: expected an object")
+                answers = qa.get("answers", [])
+                if not isinstance(answers, list):
+                    raise DataError(f"{pw}.qas[{j}]: field 'answers' must be a list")
+                q = {"answers": [a.get("text") for a in answers if isinstance(a, dict)]}
+                if "question" in qa:
+                    q["question"] = qa["question"]
+                questions.append(q)
+            rec = {"title": title, "questions": questions}
+            if "context" in para:
+                rec["context"] = para["context"]
             out.append(_passage_from_record(rec, pw))
     return out
 
@@ -232,6 +272,8 @@ def load_teacher_self_edits(path: str | Path, passages: list[Passage]) -> dict[s
         comps = rec.get("completions")
         if not isinstance(comps, list) or not all(isinstance(c, str) for c in comps):
             raise DataError(f"{where}: field 'completions' must be a list of strings")
+        for m, c in enumerate(comps):
+            _check_text(c, where, f"completions[{m}]")
         by_id[passage_id(title, context)] = comps
     return {p.id: by_id[p.id] for p in passages if p.id in by_id}
 
@@ -346,7 +388,7 @@ def self_edit_items(
     text = completion.replace("\r\n", "\n")
     if variant.split == "whole":
         return [text.strip()] if text.strip() else []
-    if variant.split == "after_cue" and variant.cue_marker in text:
+    if variant.split == "after_cue" and variant.cue_marker and variant.cue_marker in text:
         text = text.rsplit(variant.cue_marker, 1)[1]
     if variant.split == "qa":
         text = variant.cue + text if not text.lstrip().startswith("Question") else text
