@@ -182,3 +182,46 @@ def test_sigkill_at_every_phase_then_resume(tmp_path, reference_run, point):
     assert a == b
     assert json.loads((d / "state.json").read_text())["phase"] == "finished"
     assert (d / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume(tmp_path, reference_run):
+    """Kill a run at seeded random moments (whatever it is doing: loading, sampling, training,
+    writing), resume each time, until it finishes: nothing finished is recomputed and the
+    metrics equal an uninterrupted run's. Prints the number of kills survived."""
+    import random
+
+    rng = random.Random(20261126)
+    d, kills, finished = tmp_path / "run", 0, False
+    args = ["configs/demo.yaml", *SMALL, "rounds=1", "--run-dir", str(d)]
+    for _ in range(12):
+        p = seal_run(*(args if not d.exists() else ["--resume", str(d)]))
+        try:
+            p.wait(timeout=rng.uniform(4.0, 14.0))  # start-up alone takes ~4 s
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            kills += 1
+            continue
+        assert p.returncode == 0, p.stderr.read()[-2000:]
+        finished = True
+        break
+    if not finished:
+        p = seal_run("--resume", str(d))
+        assert p.wait(timeout=600) == 0, p.stderr.read()[-2000:]
+    for rel in (
+        "self_edits/round_1.jobs.jsonl",
+        "eval/round_0.jobs.jsonl",
+        "eval/round_1.jobs.jsonl",
+    ):
+        keys = [
+            json.loads(x)["key"]
+            for x in (d / rel).read_text().splitlines()
+            if x.strip().endswith("}")
+        ]
+        assert len(keys) == len(set(keys)), f"{rel}: an inner loop was recomputed"
+    a = [{k: m[k] for k in KEYS} for m in metrics(reference_run)]
+    b = [{k: m[k] for k in KEYS} for m in metrics(d)]
+    assert a == b
+    assert kills >= 3
+    print(f"random SIGKILLs survived: {kills}")

@@ -57,6 +57,15 @@ def checks(judge_url: str = "", api_key_env: str = "OPENAI_API_KEY") -> list[tup
             out.append((mod, True, getattr(m, "__version__", "installed")))
         except ImportError:
             out.append((mod, False, "missing: pip install -e . (or `make setup`)"))
+    try:
+        import importlib.metadata
+
+        ver = importlib.metadata.version("ray")  # not imported: that starts nothing but is slow
+        out.append(("ray (optional)", True, f"{ver}: executor.kind=ray available"))
+    except importlib.metadata.PackageNotFoundError:
+        from seal.executors import RAY_INSTALL
+
+        out.append(("ray (optional)", True, f"not installed; for executor.kind=ray: {RAY_INSTALL}"))
     from seal.models import cache_root, describe_presets
 
     for row in describe_presets():
