@@ -51,9 +51,16 @@ def _cfg(**executor) -> rest_em.RunConfig:
 
 
 def _run(path: Path, cfg, logs: list | None = None) -> list[dict]:
+    """A run whose driver computes on one thread, as the workers do: sampling and the
+    generator's fine-tune then do the same arithmetic in every run of this module."""
     rd = RunDir(path)
     rd.path.mkdir(parents=True)
-    return rest_em.run(cfg, rd, log=(logs.append if logs is not None else lambda _: None))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return rest_em.run(cfg, rd, log=(logs.append if logs is not None else lambda _: None))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _strip(recs):
@@ -79,12 +86,7 @@ def _outcome(path: Path) -> dict:
 def reference(tmp_path_factory):
     """The in-process run, on one thread as the workers are (same arithmetic)."""
     path = tmp_path_factory.mktemp("inprocess") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _run(path, _cfg())
-    finally:
-        torch.set_num_threads(threads)
+    _run(path, _cfg())
     out = _outcome(path)
     assert out["metrics"][1]["n_kept"] == 4 and out["metrics"][1]["sft"]["n_pairs"] == 4
     return out
