@@ -31,6 +31,7 @@ from seal.domains.arc import (
     augment_pairs,
     augment_task,
     augmenters_for,
+    budget_epochs,
     build_ttt_examples,
     cost_steps,
     dedup_examples,
@@ -522,6 +523,23 @@ def test_self_edit_prompt_lists_keys_and_shows_demos():
     assert "learning_rate" in prompt and "num_train_epochs" in prompt and "JSON" in prompt
     assert "Input:\n12\nOutput:\n21" in prompt
     assert self_edit_prompt(task.train, "list").count("[[1, 2]]") == 1
+    assert "(an integer between 1 and 10)" in prompt  # the paper's bounds by default
+
+
+def test_prompt_budget_states_the_epochs_that_fit_the_cost_cap():
+    task = Task("t1", ((((1, 2),), ((2, 1),)),), (((3, 4),),))
+    # 48 steps x 2 examples per step / 32 examples = 3 epochs; the paper's 375 x 2 / 250 = 3
+    assert budget_epochs(48, 2, 32) == 3 and budget_epochs(375, 2, 250) == 3
+    assert budget_epochs(1, 1, 100) == 1  # never below one epoch
+    assert budget_epochs(375, 2, 6) == 10  # nor above the schema's 10
+    n = budget_epochs(48, 2, 32)
+    prompt = self_edit_prompt(task, max_epochs=n)
+    assert "num_train_epochs (an integer between 1 and 3)" in prompt
+    assert cost_steps(TTTConfig(**{**ORACLE_CONFIG.__dict__, "num_train_epochs": n}), 32, 2) <= 48
+    assert (
+        cost_steps(TTTConfig(**{**ORACLE_CONFIG.__dict__, "num_train_epochs": n + 1}), 32, 2) > 48
+    )
+    assert prompt.replace("1 and 3)", "1 and 10)") == self_edit_prompt(task)
 
 
 JSON_VALUES = st.recursive(

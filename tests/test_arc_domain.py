@@ -198,21 +198,25 @@ def test_tasks_from_an_arc_prize_file(tmp_path, task):
 
 
 def test_domain_from_config_prompts_and_jobs(tiny, task):
-    cfg = from_dict(
-        RunConfig,
-        {
-            "domain": "arc",
-            "data": {"tasks_train": "paper-train-small", "tasks_eval": "66e6c45b,68b67ca3"},
-            "self_edit": {"temperature": 0.8, "chat": True},
-            "arc": {"max_examples": 6},
-        },
-    )
-    d = ArcDomain.from_config(cfg)
+    cfg_dict = {
+        "domain": "arc",
+        "data": {"tasks_train": "paper-train-small", "tasks_eval": "66e6c45b,68b67ca3"},
+        "self_edit": {"temperature": 0.8, "chat": True},
+        "arc": {"max_examples": 6},
+    }
+    d = ArcDomain.from_config(from_dict(RunConfig, cfg_dict))
     assert d.name == "arc" and d.default_selection == "threshold"
     assert len(d.train_contexts()) == 10
     assert [d.context_id(t) for t in d.eval_contexts()] == ["66e6c45b", "68b67ca3"]
     prompt = d.self_edit_prompt(task, tiny.tokenizer)
     assert prompt.startswith("<|im_start|>user") and "Respond with a JSON object" in prompt
+    assert "(an integer between 1 and 10)" in prompt
+    budgeted = {
+        **cfg_dict,
+        "arc": {"max_examples": 32, "cost_cap_steps": 48, "prompt_budget": True},
+    }
+    d_budget = ArcDomain.from_config(from_dict(RunConfig, budgeted))
+    assert "(an integer between 1 and 3)" in d_budget.self_edit_prompt(task, tiny.tokenizer)
     assert d.sampling_params().temperature == 0.8 and d.sampling_params().do_sample
     job = d.make_job(task, ORACLE_CONFIG.to_json(), "6150a2bd/0/0", 0, 0, seed=5)
     json.dumps(job.payload)

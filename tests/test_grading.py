@@ -6,19 +6,15 @@ decides yes/no by a simple rule and injects faults on request.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
 import socket
-import threading
-import time
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from openai_stub import OpenAIStubHandler, OpenAIStubServer
 
 from seal.grading import (
     JUDGE_PROMPT,
@@ -270,125 +266,35 @@ def test_judge_prompt_has_rule():
 # A local OpenAI-compatible server with fault injection
 # ---------------------------------------------------------------------------------------------
 
-# A question may carry "[[fault:KIND:COUNT]]": the first COUNT requests for that question fail
-# with KIND (COUNT "inf": always). KIND is one of timeout, close, 400, 429, 500, 503, malformed,
-# nochoices, garbage.
-_FAULT_RE = re.compile(r"\[\[fault:(\w+):(\w+)\]\]")
+# The stub server (openai_stub) answers yes/no by a simple rule: "Yes." if any gold answer (split
+# on "|") is in the prediction, else "No". A question may carry "[[fault:KIND:COUNT]]": the first
+# COUNT requests for that question fail with KIND (COUNT "inf": always). KIND is one of the stub's
+# shared kinds (timeout, close, 400, 429, 500, 503, malformed, nochoices) or garbage (a 200 whose
+# reply is neither yes nor no).
 
 
-class FakeOpenAIServer:
-    """Threaded HTTP server implementing POST /v1/chat/completions on 127.0.0.1."""
+class JudgeHandler(OpenAIStubHandler):
+    def _fault_key(self, prompt: str) -> str:
+        return re.search(r"Question: (.*)", prompt).group(1)
 
-    def __init__(self, hang_s: float = 1.0):
-        self.hang_s = hang_s
-        self.lock = threading.Lock()
-        self.requests: list[dict] = []
-        self.auth_headers: list[str] = []
-        self.fault_counts: Counter[str] = Counter()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
+    def _answer(self, payload: dict, prompt: str):
+        gold = re.search(r"Gold answer: (.*)", prompt).group(1)
+        pred = re.search(r"Predicted answer: (.*)", prompt).group(1)
+        golds = [g.strip().lower() for g in gold.split("|")]
+        verdict = "Yes." if any(g in pred.lower() for g in golds) else "No"
+        self._reply(payload, [verdict])
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+    def _fault(self, kind: str):
+        if kind == "garbage":
+            self._reply({"model": "m"}, ["I cannot tell."])
+        else:
+            super()._fault(kind)
 
-    @property
-    def n_requests(self) -> int:
-        with self.lock:
-            return len(self.requests)
 
-    def _handler_class(self):
-        server = self
+class FakeOpenAIServer(OpenAIStubServer):
+    """The judge's server: yes/no by containment of the gold answer, with fault injection."""
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep test output quiet
-                pass
-
-            def _send(self, status: int, body: bytes, content_type="application/json", **hdr):
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                for name, value in hdr.items():
-                    self.send_header(name.replace("_", "-"), value)
-                self.end_headers()
-                with contextlib.suppress(OSError):  # the client may have given up already
-                    self.wfile.write(body)
-
-            def _error(self, status: int, message: str, **hdr):
-                body = json.dumps({"error": {"message": message, "type": "test", "code": None}})
-                self._send(status, body.encode(), **hdr)
-
-            def do_POST(self):
-                length = int(self.headers.get("Content-Length", 0))
-                payload = json.loads(self.rfile.read(length))
-                with server.lock:
-                    server.requests.append(payload)
-                    server.auth_headers.append(self.headers.get("Authorization", ""))
-                if self.path != "/v1/chat/completions":
-                    self._error(404, "not found")
-                    return
-                prompt = payload["messages"][-1]["content"]
-                question = re.search(r"Question: (.*)", prompt).group(1)
-                fault = _FAULT_RE.search(question)
-                if fault:
-                    kind, count = fault.group(1), fault.group(2)
-                    with server.lock:
-                        server.fault_counts[question] += 1
-                        seen = server.fault_counts[question]
-                    if count == "inf" or seen <= int(count):
-                        self._fault(kind)
-                        return
-                gold = re.search(r"Gold answer: (.*)", prompt).group(1)
-                pred = re.search(r"Predicted answer: (.*)", prompt).group(1)
-                golds = [g.strip().lower() for g in gold.split("|")]
-                verdict = "Yes." if any(g in pred.lower() for g in golds) else "No"
-                self._reply(payload, verdict)
-
-            def _reply(self, payload, content):
-                body = {
-                    "id": "chatcmpl-test",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": payload["model"],
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": content},
-                            "finish_reason": "stop",
-                        }
-                    ],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
-                }
-                self._send(200, json.dumps(body).encode())
-
-            def _fault(self, kind: str):
-                if kind == "timeout":
-                    time.sleep(server.hang_s)
-                    self._error(500, "too late")
-                elif kind == "close":
-                    self.close_connection = True  # drop the connection without a response
-                elif kind == "malformed":
-                    self._send(200, b'{"id": "chatcmpl-x", "choices": [')
-                elif kind == "nochoices":
-                    self._send(200, b'{"id": "chatcmpl-x", "object": "chat.completion"}')
-                elif kind == "garbage":
-                    self._reply({"model": "m"}, "I cannot tell.")
-                elif kind == "429":
-                    self._error(429, "rate limited", retry_after="0")
-                else:
-                    self._error(int(kind), f"injected {kind}")
-
-        return Handler
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    handler_class = JudgeHandler
 
 
 @pytest.fixture

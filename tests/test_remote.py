@@ -6,17 +6,13 @@ and injects faults on request (markers in the prompt).
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import re
 import socket
-import threading
 import time
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from openai_stub import OpenAIStubHandler, OpenAIStubServer
 
 from seal.grading import JudgeConfigError
 from seal.remote import (
@@ -27,151 +23,47 @@ from seal.remote import (
     is_loopback,
 )
 
-# A prompt may carry "[[fault:KIND:COUNT]]": the first COUNT requests for that prompt fail with
-# KIND (COUNT "inf": always). KIND is one of timeout, close, 400, 401, 429, 500, 503, malformed,
-# nochoices, echo (a 400 whose message echoes the Authorization header), slow429 (429 with
-# Retry-After 0.3). "[[choices:K]]" makes the server return at most K choices per request.
-_FAULT_RE = re.compile(r"\[\[fault:(\w+):(\w+)\]\]")
+# The stub server (openai_stub) answers each request with n choices "TAG edit SERIAL.I" (TAG: the
+# prompt's first word, SERIAL: the number of requests received so far). "[[choices:K]]" in the
+# prompt makes it return at most K choices. A prompt may carry "[[fault:KIND:COUNT]]": the first
+# COUNT requests for that prompt fail with KIND (COUNT "inf": always). KIND is one of the stub's
+# shared kinds (timeout, close, 400, 401, 429, 500, 503, malformed, nochoices), echo (a 400 whose
+# message echoes the Authorization header) or slow429 (429 with Retry-After 0.3).
 _CHOICES_RE = re.compile(r"\[\[choices:(\d+)\]\]")
 
 
-class FakeOpenAIServer:
-    """Threaded HTTP server implementing POST /v1/chat/completions on 127.0.0.1."""
+class TeacherHandler(OpenAIStubHandler):
+    def _answer(self, payload: dict, prompt: str):
+        server = self.stub
+        n = payload.get("n", 1)
+        cap = _CHOICES_RE.search(prompt)
+        if cap:
+            n = min(n, int(cap.group(1)))
+        if server.delay_s:
+            time.sleep(server.delay_s)
+        with server.lock:
+            serial = len(server.requests)
+        tag = prompt.split()[0]
+        self._reply(payload, [f"{tag} edit {serial}.{i}" for i in range(n)])
+
+    def _fault(self, kind: str):
+        if kind == "echo":
+            auth = self.headers.get("Authorization", "")
+            self._error(400, f"bad request from {auth}")
+        elif kind == "slow429":
+            self._error(429, "rate limited", retry_after="0.3")
+        else:
+            super()._fault(kind)
+
+
+class FakeOpenAIServer(OpenAIStubServer):
+    """The teacher's server: n numbered choices per request, with fault injection."""
+
+    handler_class = TeacherHandler
 
     def __init__(self, hang_s: float = 0.6, delay_s: float = 0.0):
-        self.hang_s = hang_s
+        super().__init__(hang_s=hang_s)
         self.delay_s = delay_s  # added to every successful reply (to observe concurrency)
-        self.lock = threading.Lock()
-        self.requests: list[dict] = []
-        self.auth_headers: list[str] = []
-        self.fault_counts: Counter[str] = Counter()
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    @property
-    def n_requests(self) -> int:
-        with self.lock:
-            return len(self.requests)
-
-    def requests_for(self, marker: str) -> list[dict]:
-        with self.lock:
-            return [r for r in self.requests if marker in r["messages"][-1]["content"]]
-
-    def _handler_class(self):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep test output quiet
-                pass
-
-            def _send(self, status: int, body: bytes, **hdr):
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                for name, value in hdr.items():
-                    self.send_header(name.replace("_", "-"), value)
-                self.end_headers()
-                with contextlib.suppress(OSError):  # the client may have given up already
-                    self.wfile.write(body)
-
-            def _error(self, status: int, message: str, **hdr):
-                body = json.dumps({"error": {"message": message, "type": "test", "code": None}})
-                self._send(status, body.encode(), **hdr)
-
-            def do_POST(self):
-                length = int(self.headers.get("Content-Length", 0))
-                payload = json.loads(self.rfile.read(length))
-                with server.lock:
-                    server.requests.append(payload)
-                    server.auth_headers.append(self.headers.get("Authorization", ""))
-                    server.in_flight += 1
-                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                try:
-                    self._handle(payload)
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
-
-            def _handle(self, payload):
-                if self.path != "/v1/chat/completions":
-                    self._error(404, "not found")
-                    return
-                prompt = payload["messages"][-1]["content"]
-                fault = _FAULT_RE.search(prompt)
-                if fault:
-                    kind, count = fault.group(1), fault.group(2)
-                    with server.lock:
-                        server.fault_counts[prompt] += 1
-                        seen = server.fault_counts[prompt]
-                    if count == "inf" or seen <= int(count):
-                        self._fault(kind)
-                        return
-                n = payload.get("n", 1)
-                cap = _CHOICES_RE.search(prompt)
-                if cap:
-                    n = min(n, int(cap.group(1)))
-                if server.delay_s:
-                    time.sleep(server.delay_s)
-                with server.lock:
-                    serial = len(server.requests)
-                tag = prompt.split()[0]
-                self._reply(payload, [f"{tag} edit {serial}.{i}" for i in range(n)])
-
-            def _reply(self, payload, contents):
-                body = {
-                    "id": "chatcmpl-test",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": payload["model"],
-                    "choices": [
-                        {
-                            "index": i,
-                            "message": {"role": "assistant", "content": text},
-                            "finish_reason": "stop",
-                        }
-                        for i, text in enumerate(contents)
-                    ],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
-                }
-                self._send(200, json.dumps(body).encode())
-
-            def _fault(self, kind: str):
-                if kind == "timeout":
-                    time.sleep(server.hang_s)
-                    self._error(500, "too late")
-                elif kind == "close":
-                    self.close_connection = True  # drop the connection without a response
-                elif kind == "malformed":
-                    self._send(200, b'{"id": "chatcmpl-x", "choices": [')
-                elif kind == "nochoices":
-                    self._send(200, b'{"id": "chatcmpl-x", "object": "chat.completion"}')
-                elif kind == "echo":
-                    auth = self.headers.get("Authorization", "")
-                    self._error(400, f"bad request from {auth}")
-                elif kind == "429":
-                    self._error(429, "rate limited", retry_after="0")
-                elif kind == "slow429":
-                    self._error(429, "rate limited", retry_after="0.3")
-                else:
-                    self._error(int(kind), f"injected {kind}")
-
-        return Handler
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

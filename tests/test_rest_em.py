@@ -50,6 +50,22 @@ def metrics(d: Path) -> list[dict]:
     return [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_resumed_like(reference: Path, d: Path, job_files: tuple[str, ...]) -> None:
+    """The resumed run in ``d`` recomputed no finished inner loop (each job key in ``job_files``,
+    paths relative to ``d``, appears once; a torn last line is skipped) and its metrics equal
+    those of the uninterrupted run in ``reference``."""
+    for rel in job_files:
+        keys = [
+            json.loads(x)["key"]
+            for x in (d / rel).read_text().splitlines()
+            if x.strip().endswith("}")
+        ]
+        assert len(keys) == len(set(keys)), f"{rel}: an inner loop was recomputed"
+    a = [{k: m[k] for k in KEYS} for m in metrics(reference)]
+    b = [{k: m[k] for k in KEYS} for m in metrics(d)]
+    assert a == b
+
+
 def test_run_writes_the_run_directory(tmp_path):
     d = tmp_path / "run"
     p = seal_run("configs/demo.yaml", *SMALL, "--run-dir", str(d))
@@ -170,16 +186,9 @@ def test_sigkill_at_every_phase_then_resume(tmp_path, reference_run, point):
     assert r.returncode == 0, err
     if point == "torn_write":
         assert "truncated or corrupt" in err
-    for rel in ("self_edits/round_1.jobs.jsonl", "eval/round_0.jobs.jsonl"):
-        keys = [
-            json.loads(x)["key"]
-            for x in (d / rel).read_text().splitlines()
-            if x.strip().endswith("}")
-        ]
-        assert len(keys) == len(set(keys)), f"{rel}: an inner loop was recomputed"
-    a = [{k: m[k] for k in KEYS} for m in metrics(reference_run)]
-    b = [{k: m[k] for k in KEYS} for m in metrics(d)]
-    assert a == b
+    assert_resumed_like(
+        reference_run, d, ("self_edits/round_1.jobs.jsonl", "eval/round_0.jobs.jsonl")
+    )
     assert json.loads((d / "state.json").read_text())["phase"] == "finished"
     assert (d / "report.md").exists()
 
@@ -209,19 +218,10 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, reference_run):
     if not finished:
         p = seal_run("--resume", str(d))
         assert p.wait(timeout=600) == 0, p.stderr.read()[-2000:]
-    for rel in (
-        "self_edits/round_1.jobs.jsonl",
-        "eval/round_0.jobs.jsonl",
-        "eval/round_1.jobs.jsonl",
-    ):
-        keys = [
-            json.loads(x)["key"]
-            for x in (d / rel).read_text().splitlines()
-            if x.strip().endswith("}")
-        ]
-        assert len(keys) == len(set(keys)), f"{rel}: an inner loop was recomputed"
-    a = [{k: m[k] for k in KEYS} for m in metrics(reference_run)]
-    b = [{k: m[k] for k in KEYS} for m in metrics(d)]
-    assert a == b
+    assert_resumed_like(
+        reference_run,
+        d,
+        ("self_edits/round_1.jobs.jsonl", "eval/round_0.jobs.jsonl", "eval/round_1.jobs.jsonl"),
+    )
     assert kills >= 3
     print(f"random SIGKILLs survived: {kills}")

@@ -32,7 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple, Protocol, runtime_checkable
 
-from seal.remote import ChatClient, RemoteConfigError, RemoteError
+from seal.remote import ChatClient, EndpointClient, RemoteConfigError, RemoteError
 
 logger = logging.getLogger(__name__)
 
@@ -563,7 +563,7 @@ class JudgeConfigError(RemoteConfigError):
 _DEFAULT_CACHE = object()
 
 
-class OpenAIJudge(_CachingJudge):
+class OpenAIJudge(EndpointClient, _CachingJudge):
     """Judge served by an OpenAI-compatible chat-completions endpoint (GPT-4.1 in the paper).
 
     The HTTP side is a ``seal.remote.ChatClient``. The API key is read from the environment
@@ -634,22 +634,6 @@ class OpenAIJudge(_CachingJudge):
         lambda self: self._client.backoff_max,
         lambda self, v: setattr(self._client, "backoff_max", v),
     )
-
-    def __repr__(self) -> str:
-        return (
-            f"OpenAIJudge(base_url={self.base_url!r}, model={self.model!r}, "
-            f"api_key_env={self.api_key_env!r})"
-        )
-
-    def close(self) -> None:
-        """Close the HTTP client."""
-        self._client.close()
-
-    def __enter__(self) -> OpenAIJudge:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _scrub(self, text: str) -> str:
         return self._client.scrub(text)

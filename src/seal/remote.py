@@ -60,7 +60,32 @@ def is_loopback(base_url: str) -> bool:
         return False
 
 
-class ChatClient:
+class EndpointClient:
+    """What every client of an endpoint shares: a repr naming the endpoint (never the key),
+    `close()` of the underlying HTTP client `self._client`, and use as a context manager."""
+
+    base_url: str
+    model: str
+    api_key_env: str
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r}, "
+            f"api_key_env={self.api_key_env!r})"
+        )
+
+    def close(self) -> None:
+        """Close the HTTP client."""
+        self._client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ChatClient(EndpointClient):
     """One model behind an OpenAI-compatible chat-completions endpoint, with bounded retries.
 
     The API key is read from the environment variable ``api_key_env`` only; when it is unset, a
@@ -113,22 +138,6 @@ class ChatClient:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.purpose = purpose
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r}, "
-            f"api_key_env={self.api_key_env!r})"
-        )
-
-    def close(self) -> None:
-        """Close the HTTP client."""
-        self._client.close()
-
-    def __enter__(self) -> ChatClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -270,7 +279,7 @@ class ChatClient:
         raise RemoteError(f"gave up after {self.max_retries + 1} attempts: {error}")
 
 
-class OpenAITeacher:
+class OpenAITeacher(EndpointClient):
     """A teacher model behind an OpenAI-compatible endpoint that writes self-edits.
 
     ``write`` asks for ``n`` sampled completions per prompt, with at most ``concurrency`` prompts
@@ -318,22 +327,6 @@ class OpenAITeacher:
     @property
     def api_key_env(self) -> str:
         return self._client.api_key_env
-
-    def __repr__(self) -> str:
-        return (
-            f"OpenAITeacher(base_url={self.base_url!r}, model={self.model!r}, "
-            f"api_key_env={self.api_key_env!r})"
-        )
-
-    def close(self) -> None:
-        """Close the HTTP client."""
-        self._client.close()
-
-    def __enter__(self) -> OpenAITeacher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def write(
         self,

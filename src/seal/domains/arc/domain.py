@@ -39,7 +39,7 @@ from .data import (
     task_from_json,
     validate_task_id,
 )
-from .self_edit import parse_self_edit, self_edit_prompt
+from .self_edit import budget_epochs, parse_self_edit, self_edit_prompt
 from .ttt import ArcInnerLoop, ArcSettings, TTTRequest, parse_arc_settings
 
 # Named task sets (the paper's pools; "-small": only tasks whose grids are all <= 10x10,
@@ -112,10 +112,12 @@ def resolve_tasks(
     return tasks
 
 
-def self_edit_prompt_text(task: Task, tokenizer, chat: bool, fmt: str = "compact") -> str:
+def self_edit_prompt_text(
+    task: Task, tokenizer, chat: bool, fmt: str = "compact", max_epochs: int | None = None
+) -> str:
     """The text the generator continues to write a self-edit: the paper's JSON-configuration
     prompt (self_edit.self_edit_prompt), as the user turn of the chat template when `chat`."""
-    body = self_edit_prompt(task, fmt)
+    body = self_edit_prompt(task, fmt, max_epochs)
     if chat and tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": body.rstrip()}], tokenize=False, add_generation_prompt=True
@@ -167,9 +169,11 @@ class ArcDomain:
         return ctx.id
 
     def self_edit_prompt(self, ctx: Task, tokenizer) -> str:
-        return self_edit_prompt_text(
-            ctx, tokenizer, self.self_edit_cfg.chat, self.settings.grid_format
-        )
+        s = self.settings
+        budget = None
+        if s.prompt_budget:
+            budget = budget_epochs(s.cost_cap_steps, s.batch_size, s.max_examples)
+        return self_edit_prompt_text(ctx, tokenizer, self.self_edit_cfg.chat, s.grid_format, budget)
 
     def sampling_params(self) -> SamplingParams:
         c = self.self_edit_cfg

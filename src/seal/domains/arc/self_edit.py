@@ -384,37 +384,51 @@ from the demonstrations above, then asked to solve the task. Choose the tools to
     - "train_using_output_tokens": learn from the output grid tokens only
    and also specify:
     - learning_rate (a float between 0.000001 and 0.01)
-    - num_train_epochs (an integer between 1 and 10)
+    - num_train_epochs (an integer between 1 and {max_epochs})
 
 Respond with a JSON object only, with no explanation or markdown, using lowercase true/false,
 in this form:
 
-{
-  "data_generation": {
+{{
+  "data_generation": {{
     "use_basic_augmentations": ...,
     "use_size_augmentations": ...,
     "use_chain_augmentations": ...,
     "use_repeat_augmentations": ...
-  },
-  "training": {
+  }},
+  "training": {{
     "strategy": ...,
     "learning_rate": ...,
     "num_train_epochs": ...
-  }
-}
+  }}
+}}
 """
 
 
-def self_edit_prompt(task: Any, fmt: GridFormat = "compact") -> str:
+def budget_epochs(cost_cap_steps: int, batch_size: int, max_examples: int) -> int:
+    """The most epochs that fit the cost cap when the TTT data fills `max_examples`:
+    floor(cap * batch_size / max_examples) within the 1..10 bounds (with fewer examples more
+    would fit)."""
+    fit = cost_cap_steps * batch_size // max(max_examples, 1)
+    return max(EPOCH_BOUNDS[0], min(EPOCH_BOUNDS[1], fit))
+
+
+def self_edit_prompt(task: Any, fmt: GridFormat = "compact", max_epochs: int | None = None) -> str:
     """The instruction the model sees to write a self-edit for `task`.
 
     `task` is a `data.Task` or a sequence of (input, output) demonstration pairs. The prompt
     shows the demonstrations, describes the configuration keys (as in the paper), and asks
-    for a JSON configuration only.
+    for a JSON configuration only. With `max_epochs` (see `budget_epochs`) the epoch range it
+    states ends there instead of at 10, so the model sees what the cost cap allows; the paper's
+    prompt states 1..10 (`arc.prompt_budget` off). Small models tend to pick the top of the
+    stated range, so on a tight cap the paper's prompt yields only over-cap configurations.
     """
     pairs = task.train if hasattr(task, "train") else task
     demos = "".join(format_example(i, o, fmt) for i, o in pairs)
+    top = EPOCH_BOUNDS[1] if max_epochs is None else max_epochs
     return (
         "Here are the demonstrations of a grid puzzle. Each shows an input grid and the output "
-        "grid the same hidden rule produces from it.\n\n" + demos + _INSTRUCTIONS
+        "grid the same hidden rule produces from it.\n\n"
+        + demos
+        + _INSTRUCTIONS.format(max_epochs=top)
     )

@@ -78,6 +78,10 @@ class ArcSettings:
     cost_cap_steps: int = f(
         COST_CAP_STEPS, "a configuration needing more optimizer steps fails (reward 0)"
     )
+    prompt_budget: bool = f(
+        False,
+        "the prompt's epoch range ends at what fits the cost cap (the paper's prompt: 1..10)",
+    )
     predict_transforms: int = f(8, "dihedral transforms voted over (1-8, identity first)")
     predict_colour_perms: int = f(0, "extra colour-permutation transforms voted over")
     max_answer_tokens: int = f(0, "tokens per answer; 0 = estimated per test input")
