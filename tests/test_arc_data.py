@@ -675,7 +675,7 @@ def test_bad_files_give_clear_errors(tmp_path):
         load_arc_prize_json(path)
 
     path.write_text("{not json")
-    with pytest.raises(TaskLoadError, match="tasks.json: not valid JSON"):
+    with pytest.raises(TaskLoadError, match="tasks.json: invalid JSON"):
         load_arc_prize_json(path)
 
     path.write_text(json.dumps({"abc": _task_json()}))

@@ -228,8 +228,8 @@ def pair(i, o="same") -> list:
 
 
 ARC_FILES = [
-    ("invalid JSON", b'{"abc": {', "not valid JSON"),
-    ("empty file", b"", "not valid JSON"),
+    ("invalid JSON", b'{"abc": {', "invalid JSON at line 1"),
+    ("empty file", b"", "invalid JSON at line 1 column 1"),
     ("top level list", js([arc_task()]), "expected an object mapping task ids to tasks"),
     ("task id with ../", js({"../evil": arc_task()}), "invalid task id '../evil'"),
     ("task id empty", js({"": arc_task()}), "invalid task id ''"),
@@ -254,9 +254,9 @@ ARC_FILES = [
     ("3-D grid", js({"abc": arc_task(train=pair([[[1]]]))}), "[1] is not an integer"),
     ("test outputs mixed", js({"abc": arc_task(test=[{"input": [[1]], "output": [[1]]}, {"input": [[2]]}])}), "some test entries have an 'output'"),
     ("duplicate task id", b'{"abc": {}, "abc": {}}', "duplicate key 'abc'"),
-    ("nested 100k deep", DEEP_JSON, "not valid JSON: nested too deeply"),
+    ("nested 100k deep", DEEP_JSON, "invalid JSON: nested too deeply"),
     ("5,000-digit colour", b'{"abc": {"train": [{"input": [[' + HUGE_INT + b"]]}]}}", "Exceeds the limit (4300 digits)"),
-    ("non-UTF-8", b'{"abc\xff": {}}', "cannot read"),
+    ("non-UTF-8", b'{"abc\xff": {}}', "not UTF-8 (byte 5)"),
 ]  # fmt: skip
 
 

@@ -9,11 +9,12 @@ and the reward is closed-book accuracy on the passage's questions.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+
+from seal.jsonfile import JsonFileError, read_json_file
 
 # --------------------------------------------------------------------------------------------
 # Passages
@@ -48,44 +49,11 @@ def passage_id(title: str, context: str) -> str:
     return hashlib.sha256(f"{title}\n{context}".encode()).hexdigest()[:16]
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    # JSON parsers keep the last of repeated keys silently; in a data file a repeated key
-    # ("context" twice after a bad merge) is a mistake whose intended value nobody knows.
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _DuplicateKey(key)
-            seen.add(key)
-    return obj
-
-
 def _read_json(path: Path):
     try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        text = raw.decode("utf-8-sig")  # a leading byte-order mark (Windows editors) is fine
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 (byte {e.start})") from None
-    try:
-        return json.loads(text, object_pairs_hook=_unique_keys)
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
-        ) from None
-    except _DuplicateKey as e:
-        raise DataError(f"{path}: duplicate key {e.args[0]!r} in one object") from None
-    except RecursionError:
-        raise DataError(f"{path}: invalid JSON: nested too deeply") from None
-    except ValueError as e:  # an integer of more than 4,300 digits
-        raise DataError(f"{path}: invalid JSON: {str(e).split(';')[0]}") from None
+        return read_json_file(path)
+    except JsonFileError as e:
+        raise DataError(f"{path}: {e}") from None
 
 
 def _check_text(value: str, where: str, key: str) -> str:

@@ -8,13 +8,14 @@ Indices in messages are 0-based.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+
+from seal.jsonfile import JsonFileError, read_json_file
 
 from .grids import Grid, Pair, grid_shape, grid_to_list, validate_grid
 
@@ -186,31 +187,11 @@ def task_from_json(
     return Task(task_id, tuple(train), tuple(test_inputs), outputs)
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # A repeated key (a task id listed twice) would silently keep only the last value.
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise TaskLoadError(f"duplicate key {key!r} in one object")
-            seen.add(key)
-    return obj
-
-
 def _read_json(path: Path) -> Any:
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is fine
-    except (OSError, UnicodeDecodeError) as e:
-        raise TaskLoadError(f"{path.name}: cannot read: {e}") from None
-    try:
-        return json.loads(text, object_pairs_hook=_unique_keys)
-    except TaskLoadError as e:
+        return read_json_file(path)
+    except JsonFileError as e:
         raise TaskLoadError(f"{path.name}: {e}") from None
-    except RecursionError:
-        raise TaskLoadError(f"{path.name}: not valid JSON: nested too deeply") from None
-    except ValueError as e:  # JSONDecodeError, or an integer of more than 4,300 digits
-        raise TaskLoadError(f"{path.name}: not valid JSON: {str(e).split(';')[0]}") from None
 
 
 def load_arc_prize_json(
