@@ -1,5 +1,6 @@
 """The batched multi-adapter LoRA: K adapters trained together equal each trained alone."""
 
+import pytest
 import torch
 
 from seal.generation import SamplingParams, generate
@@ -119,3 +120,136 @@ def test_peft_export_and_merge_agree(tiny, tmp_path):
         theirs = peft_model(ids).logits
     peft_model.unload()
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def _per_row_reference(layer, x, rows):
+    """y_i = base(x_i) + scaling * x_i A_{rows[i]} B_{rows[i]} (0 for rows[i] = -1), row by row."""
+    out = []
+    for i, s in enumerate(rows):
+        y = layer.base(x[i])
+        if s >= 0:
+            y = y + layer.scaling * (x[i] @ layer.lora_A[s]) @ layer.lora_B[s]
+        out.append(y)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("cpu_runs", [True, False])
+def test_every_route_shape_equals_per_row_reference(cpu_runs, monkeypatch):
+    """Identity, grouped and contiguous, unequal groups, unordered rows, base rows, a subset
+    of the slots: outputs and gradients (x, A, B) equal the row-by-row definition, both with
+    runs of rows (CPU) and with groups padded to equal size (GPU)."""
+    from seal import lora as lora_mod
+    from seal.lora import MultiLoRALinear, _Router
+
+    monkeypatch.setattr(lora_mod, "_is_cpu", lambda _device: cpu_runs)
+
+    torch.manual_seed(0)
+    router = _Router()
+    layer = MultiLoRALinear(torch.nn.Linear(8, 12), 4, r=4, alpha=8.0, router=router)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    cases = [
+        [0, 1, 2, 3],  # identity
+        [1, 1, 3, 3],  # contiguous equal groups over a subset of the slots
+        [2, 0, 2, 0, 2],  # unordered, unequal groups
+        [3, -1, 3, 1, -1],  # base rows mixed in
+        [2, 2, 0, -1],  # group order already, base rows last
+        [0, 0, 1, 2, 2, 2],  # runs of unequal length, no base rows
+        [-1, -1],  # base rows only
+        [0, 0, 0],  # one adapter (the sequential inner loop)
+    ]
+    for rows in cases:
+        x = torch.randn(len(rows), 7, 8, requires_grad=True)
+        lora = MultiLoRA.__new__(MultiLoRA)  # only route() is needed: wire it to this layer
+        lora.router, lora.k, lora.modules = router, 4, [(None, "", layer)]
+        with lora.route(rows):
+            got = layer(x)
+        want_x = x.detach().clone().requires_grad_(True)
+        want = _per_row_reference(layer, want_x, rows)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        w = torch.randn_like(got)
+        params = [layer.lora_A, layer.lora_B]
+        ga = torch.autograd.grad((got * w).sum(), [x, *params], allow_unused=True)
+        gb = torch.autograd.grad((want * w).sum(), [want_x, *params], allow_unused=True)
+        for a, b, like in zip(ga, gb, [x, *params], strict=True):
+            zero = torch.zeros_like(like)
+            torch.testing.assert_close(
+                zero if a is None else a, zero if b is None else b, rtol=1e-4, atol=1e-4
+            )
+
+
+def test_route_rejects_unknown_slot(tiny):
+    lora = MultiLoRA(tiny.model, 2, SPEC)
+    try:
+        with pytest.raises(ValueError, match="row 1 routed to adapter 2"), lora.route([0, 2]):
+            pass
+    finally:
+        lora.remove()
+
+
+def test_training_flops_counts_decoder_adapter_and_head(tiny):
+    """MFU's numerator: 4 FLOPs per frozen decoder weight and 6 per adapter weight for every
+    input token, 4 per head weight for every loss token; embedding lookups count nothing."""
+    from seal.bench import training_flops
+
+    model = tiny.model
+    embed = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight.numel()
+    n = sum(p.numel() for p in model.parameters())
+    tied = model.get_output_embeddings().weight.data_ptr() == (
+        model.get_input_embeddings().weight.data_ptr()
+    )
+    decoder = n - embed - (0 if tied else head)
+    assert training_flops(model, 0, 10, 0) == 10 * 4 * decoder
+    assert training_flops(model, 100, 10, 3) == 10 * (4 * decoder + 600) + 3 * 4 * head
+
+
+def test_packed_training_equals_unpacked(tiny):
+    """Sequences of different adapters packed into shared rows train exactly as when each
+    has a padded row of its own (batch size 2: an adapter's two sequences may be packed apart)."""
+    from seal.training import pack_rows, supports_packing
+
+    assert supports_packing(tiny.model)
+    tok = tiny.tokenizer
+    hp = TrainHP(lr=5e-3, epochs=2, batch_size=2)
+    results = []
+    for pack in (True, False):
+        lora = MultiLoRA(tiny.model, 3, SPEC)
+        jobs = []
+        for slot, texts in enumerate(TEXTS):
+            lora.reset(slot, 100 + slot)
+            jobs.append(AdapterJob(slot, [text_example(tok, t, 64) for t in texts], 100 + slot, hp))
+        stats = train_adapters(tiny.model, lora, jobs, tok.pad_token_id, pack=pack)
+        results.append(([s.losses for s in stats], [lora.state(s) for s in range(3)]))
+        lora.remove()
+    (la, sa), (lb, sb) = results
+    torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
+    for a, b in zip(sa, sb, strict=True):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert pack_rows([5, 2, 3, 1]) == [[0], [2, 1], [3]]
+
+
+def test_linear_cross_entropy_equals_torch():
+    """The chunked cross-entropy of a frozen head: same per-token losses and the same gradient
+    with respect to the hidden states as F.cross_entropy on the full logits, chunk sizes that
+    do and do not divide the tokens."""
+    import torch.nn.functional as F
+
+    from seal.training import linear_cross_entropy
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    targets = torch.randint(0, 50, (13,))
+    weights = torch.rand(13)  # an uneven incoming gradient, as per-adapter means give
+    h0 = torch.randn(13, 16)
+    h_ref = h0.clone().requires_grad_(True)
+    ref = F.cross_entropy(head(h_ref), targets, reduction="none")
+    (ref * weights).sum().backward()
+    for chunk_rows in (1, 4, 13, 64):
+        h = h0.clone().requires_grad_(True)
+        got = linear_cross_entropy(h, head, targets, chunk_bytes=chunk_rows * 4 * 50)
+        (got * weights).sum().backward()
+        torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-5, atol=1e-6)

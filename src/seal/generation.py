@@ -6,10 +6,11 @@ call: row i runs through adapter rows[i] (-1: the bare base model)."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from seal.lora import MultiLoRA
 
@@ -34,28 +35,78 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
-class _PerRowSampler(LogitsProcessor):
-    """Samples each row with its own torch.Generator (temperature, then nucleus top-p) and
-    returns scores that make greedy decoding pick that token. A row's draws then depend on its
-    own seed only, not on what else is in the batch or on the global RNG."""
+class _PerRowSampler:
+    """Samples each row with its own torch.Generator (temperature, then nucleus top-p). A row's
+    draws then depend on its own seed only, not on what else is in the batch or on the global
+    RNG."""
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float):
         self.gens = [torch.Generator().manual_seed(int(s) & 0x7FFF_FFFF_FFFF_FFFF) for s in seeds]
         self.temperature, self.top_p = temperature, top_p
 
-    def __call__(self, input_ids, scores):
+    def __call__(self, scores: torch.Tensor, live: list[int]) -> torch.Tensor:
+        """The next token of each live row (`live[r]`: which generator row r of `scores` uses)."""
         probs = torch.softmax(scores.float() / self.temperature, dim=-1).cpu()
-        choice = torch.empty(len(self.gens), dtype=torch.long)
-        for r, gen in enumerate(self.gens):
-            p = probs[r]
-            if self.top_p < 1.0:
-                sp, si = torch.sort(p, descending=True)
-                keep = torch.cumsum(sp, 0) - sp < self.top_p  # smallest set reaching top_p
-                p = torch.zeros_like(p).scatter_(0, si[keep], sp[keep])
-            choice[r] = torch.multinomial(p, 1, generator=gen)
-        out = torch.full_like(scores, float("-inf"))
-        out[torch.arange(len(choice)), choice.to(scores.device)] = 0.0
-        return out
+        choice = torch.empty(len(live), dtype=torch.long)
+        for r, g in enumerate(live):
+            choice[r] = torch.multinomial(_top_p(probs[r], self.top_p), 1, generator=self.gens[g])
+        return choice.to(scores.device)
+
+
+def _top_p(p: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of the most likely tokens whose mass reaches `top_p`."""
+    if top_p >= 1.0:
+        return p
+    sp, si = torch.sort(p, descending=True)
+    keep = torch.cumsum(sp, 0) - sp < top_p
+    return torch.zeros_like(p).scatter_(0, si[keep], sp[keep])
+
+
+class _GrowingLayer(DynamicLayer):
+    """A KV-cache layer that appends into a preallocated buffer (doubled when full) instead of
+    `torch.cat`-ing the whole cache at every step, and drops finished rows on request."""
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._len, self._k, self._v = 0, None, None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self._len + key_states.shape[-2]
+        if self._k is None or end > self._k.shape[-2]:
+            cap = max(end, 2 * (0 if self._k is None else self._k.shape[-2]), 64)
+            k = key_states.new_empty(*key_states.shape[:-2], cap, key_states.shape[-1])
+            v = value_states.new_empty(*value_states.shape[:-2], cap, value_states.shape[-1])
+            if self._len:
+                k[..., : self._len, :] = self._k[..., : self._len, :]
+                v[..., : self._len, :] = self._v[..., : self._len, :]
+            self._k, self._v = k, v
+        self._k[..., self._len : end, :] = key_states
+        self._v[..., self._len : end, :] = value_states
+        self._len = end
+        self.keys, self.values = self._k[..., :end, :], self._v[..., :end, :]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._len if self.is_initialized else 0
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length():
+            self._k, self._v = self._k[indices], self._v[indices]
+            self.keys, self.values = self._k[..., : self._len, :], self._v[..., : self._len, :]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("use batch_select_indices")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("generation caches here are never cropped")
+
+
+def _new_cache(model) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    cache.layers = [_GrowingLayer() if type(x) is DynamicLayer else x for x in cache.layers]
+    return cache
 
 
 @torch.no_grad()
@@ -71,68 +122,129 @@ def generate(
     row_seeds: list[int] | None = None,
 ) -> list[list[int]]:
     """Complete each tokenised prompt; returns the new tokens of each, cut at the first stop
-    token. Prompts are left-padded per batch; sampling is reproducible under `seed`. With
-    `row_seeds`, each row samples from its own generator, so its completion does not depend on
-    the other rows' draws (only, through float rounding, on what it is batched with)."""
+    token. Sampling is reproducible under `seed`; with `row_seeds`, each row samples from its
+    own generator, so its completion does not depend on the other rows' draws (only, through
+    float rounding, on what it is batched with).
+
+    Written by hand rather than with `model.generate` for what an inner loop pays for: rows
+    with the same prompt and adapter (n samples of one self-edit prompt) share one prefill; a
+    row that has stopped leaves the batch (its KV cache rows are dropped) instead of decoding
+    padding until the longest row ends; the KV cache grows in place instead of being
+    concatenated at every step; and the vocabulary projection runs on the last position only."""
     if rows is not None and lora is None:
         raise ValueError("rows given without a MultiLoRA")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt")
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    stops = stop_token_ids(tokenizer)
+    stops = torch.tensor(stop_token_ids(tokenizer), dtype=torch.long, device=device)
     out: list[list[int]] = [[] for _ in prompts]
-    # Longest first, so each batch pads little.
+    sampler = None
+    if params.do_sample and row_seeds is not None:
+        sampler = _PerRowSampler(row_seeds, params.temperature, params.top_p)
+    # Longest first, so each batch pads little; equal prompts stay side by side.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    gen_kwargs = dict(
-        max_new_tokens=params.max_new_tokens,
-        do_sample=params.do_sample,
-        pad_token_id=pad,
-        eos_token_id=stops,
-    )
-    per_row = params.do_sample and row_seeds is not None
-    if per_row:
-        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    elif params.do_sample:
-        gen_kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
-    else:
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
     rng_ctx = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     with rng_ctx:
         if seed is not None:
             torch.manual_seed(seed)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            att = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                p = prompts[i]
-                ids[r, width - len(p) :] = torch.tensor(p)
-                att[r, width - len(p) :] = 1
+            if rows is not None:  # one adapter's rows side by side: long runs (see lora.py)
+                idx = sorted(idx, key=lambda i: rows[i])
             batch_rows = [rows[i] for i in idx] if rows is not None else None
-            ctx = lora.route(batch_rows) if lora is not None else contextlib.nullcontext()
-            extra = {}
-            if per_row:
-                from transformers import LogitsProcessorList
-
-                sampler = _PerRowSampler(
-                    [row_seeds[i] for i in idx], params.temperature, params.top_p
-                )
-                extra["logits_processor"] = LogitsProcessorList([sampler])
-            with ctx:
-                res = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=att.to(device),
-                    **gen_kwargs,
-                    **extra,
-                )
-            for r, i in enumerate(idx):
-                new = res[r, width:].tolist()
-                for k, t in enumerate(new):
-                    if t in stops:
-                        new = new[:k]
-                        break
-                out[i] = new
+            for i, toks in zip(
+                idx,
+                _decode_batch(
+                    model, prompts, idx, batch_rows, lora, params, stops, sampler, device
+                ),
+                strict=True,
+            ):
+                out[i] = toks
     return out
+
+
+def _decode_batch(model, prompts, idx, batch_rows, lora, params, stops, sampler, device):
+    """New tokens for prompts[idx] (one batch), stop token excluded."""
+    # One prefill per distinct (prompt, adapter); rows are expanded from it.
+    keys = [(tuple(prompts[i]), batch_rows[r] if batch_rows else -1) for r, i in enumerate(idx)]
+    uniq: dict[tuple, int] = {}
+    expand = [uniq.setdefault(k, len(uniq)) for k in keys]
+    firsts = [idx[keys.index(k)] for k in uniq]
+    width = max(len(prompts[i]) for i in firsts)
+    ids = torch.zeros((len(firsts), width), dtype=torch.long)
+    att = torch.zeros((len(firsts), width), dtype=torch.long)
+    for r, i in enumerate(firsts):
+        ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+        att[r, width - len(prompts[i]) :] = 1
+    ids, att = ids.to(device), att.to(device)
+    cache = _new_cache(model)
+    route_rows = [k[1] for k in uniq] if batch_rows else None
+    with _route(lora, route_rows):
+        logits = model(
+            input_ids=ids,
+            attention_mask=att,
+            position_ids=(att.cumsum(1) - 1).clamp(min=0),
+            **{_cache_kwarg(model): cache},
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+    sel = torch.tensor(expand, dtype=torch.long, device=device)
+    if len(uniq) < len(idx):
+        cache.batch_select_indices(sel)
+    logits, att = logits[sel], att[sel]
+    live = list(range(len(idx)))  # batch row -> place in idx
+    live_rows = batch_rows
+    new: list[list[int]] = [[] for _ in idx]
+    for step in range(params.max_new_tokens):
+        tok = _next_tokens(logits, params, sampler, [idx[r] for r in live])
+        done = torch.isin(tok, stops)
+        for r, t, d in zip(live, tok.tolist(), done.tolist(), strict=True):
+            if not d:
+                new[r].append(t)
+        if step == params.max_new_tokens - 1:
+            break
+        keep = (~done).nonzero().flatten()
+        if len(keep) == 0:
+            break
+        if len(keep) < len(live):  # finished rows leave the batch
+            keep_l = keep.tolist()
+            cache.batch_select_indices(keep)
+            tok, att = tok[keep], att[keep]
+            live = [live[k] for k in keep_l]
+            live_rows = [live_rows[k] for k in keep_l] if live_rows else None
+        att = torch.cat([att, att.new_ones(len(live), 1)], dim=1)
+        with _route(lora, live_rows):
+            logits = model(
+                input_ids=tok[:, None],
+                attention_mask=att,
+                position_ids=att.sum(1, keepdim=True) - 1,
+                **{_cache_kwarg(model): cache},
+                use_cache=True,
+            ).logits[:, -1]
+    return new
+
+
+def _cache_kwarg(model) -> str:
+    """The forward argument that takes the KV cache: `cache` in recent transformers (which
+    deprecates `past_key_values`), `past_key_values` before."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(inner.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _route(lora, rows):
+    return lora.route(rows) if lora is not None and rows is not None else contextlib.nullcontext()
+
+
+def _next_tokens(logits, params: SamplingParams, sampler, live: list[int]) -> torch.Tensor:
+    if sampler is not None:
+        return sampler(logits, live)
+    if not params.do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        probs = torch.stack([_top_p(p, params.top_p) for p in probs])
+    return torch.multinomial(probs, 1).flatten()
 
 
 def decode(tokenizer, seqs: list[list[int]]) -> list[str]:

@@ -25,13 +25,76 @@ from torch import nn
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+class _Route:
+    """How the batch rows of one pass map onto adapters, worked out once per pass (not per
+    layer): the rows are grouped by adapter, and each group goes through its adapter with one
+    batched matmul over the distinct adapters used — the adapter weights are never copied per
+    row. `rows[i]` is row i's adapter slot, -1 for the bare base model.
+
+    Three ways: rows already group after group in equal groups (a reshape and one `bmm`, the
+    common case when each adapter owns its rows); otherwise on CPU, each run of consecutive
+    rows with one adapter multiplies by that adapter's weights in place (`runs`, see
+    `_RunLoRA`); elsewhere (GPU), groups padded to the largest size `m` for one `bmm`:
+    `gather[g * m + j]` is the row at place j of group g (padding points at any row; its
+    output is never read) and `scatter[i]` is where row i's result lands (one past the end
+    for base rows, whose LoRA delta is zero)."""
+
+    def __init__(self, rows: list[int], n_adapters: int, device):
+        self.n = len(rows)
+        groups: dict[int, list[int]] = {}
+        for i, s in enumerate(rows):
+            if not -1 <= s < n_adapters:
+                raise ValueError(f"row {i} routed to adapter {s}; slots are 0..{n_adapters - 1}")
+            if s >= 0:
+                groups.setdefault(s, []).append(i)
+        self.n_groups = len(groups)
+        self.m = max((len(g) for g in groups.values()), default=0)
+        flat = [i for g in groups.values() for i in g]
+        self.has_base = len(flat) < self.n
+        # Rows already sit group after group, all groups equal, no base rows: a reshape.
+        self.contiguous = flat == list(range(self.n)) and all(
+            len(g) == self.m for g in groups.values()
+        )
+        self.gather = self.scatter = None
+        seg_slots = list(groups)
+        self.runs: list[tuple[int, int, int]] | None = None
+        if not self.contiguous and self.n_groups and _is_cpu(device):
+            # CPU: the runs of consecutive rows with one adapter, as the rows stand (nothing
+            # moved, no weights copied); base rows' runs are skipped.
+            runs, start = [], 0
+            for i in range(1, self.n + 1):
+                if i == self.n or rows[i] != rows[start]:
+                    if rows[start] >= 0:
+                        runs.append((start, i, rows[start]))
+                    start = i
+            self.runs = runs
+        elif not self.contiguous and self.n_groups:
+            gather, scatter = [], [self.n_groups * self.m] * self.n
+            for g, members in enumerate(groups.values()):
+                for j in range(self.m):
+                    i = members[j] if j < len(members) else members[0]
+                    gather.append(i)
+                    if j < len(members):
+                        scatter[i] = g * self.m + j
+            self.gather = torch.tensor(gather, dtype=torch.long, device=device)
+            self.scatter = torch.tensor(scatter, dtype=torch.long, device=device)
+        # The adapter weights used, one per group (None: all K in slot order).
+        self.slot_index = (
+            None
+            if seg_slots == list(range(n_adapters)) or self.runs is not None
+            else torch.tensor(seg_slots, dtype=torch.long, device=device)
+        )
+
+
+def _is_cpu(device) -> bool:
+    return torch.device(device).type == "cpu"
+
+
 class _Router:
-    """Which adapter each batch row uses: rows[i] = slot, -1 = the bare base model."""
+    """The route of the current pass, shared by every wrapped layer (None: no adapters)."""
 
     def __init__(self) -> None:
-        self.rows: torch.Tensor | None = None
-        self.base_mask: torch.Tensor | None = None
-        self.identity = False
+        self.route: _Route | None = None
 
 
 class MultiLoRALinear(nn.Module):
@@ -47,19 +110,86 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        rows = self.router.rows
-        if rows is None:
+        route = self.router.route
+        if route is None or route.n_groups == 0:
             return y
-        n = x.shape[0]
-        if self.router.identity:  # row i uses adapter i for every i: no gather needed
-            a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        else:
-            a = self.lora_A.index_select(0, rows.clamp(min=0)).to(x.dtype)
-            b = self.lora_B.index_select(0, rows.clamp(min=0)).to(x.dtype)
-        delta = torch.bmm(torch.bmm(x.reshape(n, -1, x.shape[-1]), a), b).view(y.shape)
-        if self.router.base_mask is not None:
-            delta = delta * self.router.base_mask.view(n, *([1] * (delta.dim() - 1))).to(x.dtype)
-        return y + self.scaling * delta
+        a, b = self.lora_A, self.lora_B
+        if route.slot_index is not None:
+            a, b = a.index_select(0, route.slot_index), b.index_select(0, route.slot_index)
+        a, b = a.to(x.dtype), b.to(x.dtype)
+        g, m, d_in, d_out = route.n_groups, route.m, x.shape[-1], y.shape[-1]
+        x3 = x.reshape(route.n, -1, d_in)  # [rows, tokens, in]
+        t = x3.shape[1]
+        if route.contiguous:
+            # y + scaling * (x A) B in one fused op per group-batch; no copies.
+            y3 = y.reshape(g, m * t, d_out)
+            xa = torch.bmm(x3.reshape(g, m * t, d_in), a)
+            return torch.baddbmm(y3, xa, b, alpha=self.scaling).view(y.shape)
+        if route.runs is not None:  # CPU: one low-rank product per run of rows
+            out = _RunLoRA.apply(x3, y.reshape(route.n, t, d_out), a, b, self.scaling, route.runs)
+            return out.view(y.shape)
+        # Elsewhere: pad the groups to equal size for one batched matmul.
+        xg = x3.index_select(0, route.gather).view(g, m * t, d_in)
+        delta = torch.bmm(torch.bmm(xg, a), b).view(g * m, t, d_out)
+        if route.has_base:
+            delta = torch.cat([delta, delta.new_zeros(1, t, d_out)])
+        delta = delta.index_select(0, route.scatter)
+        return torch.add(y, delta.view(y.shape), alpha=self.scaling)
+
+
+class _RunLoRA(torch.autograd.Function):
+    """y + scaling * x A_k B_k for each run (start, end, k) of rows; other rows get y.
+
+    Written as one autograd function so that no adapter weight is ever gathered or copied
+    per row and the backward accumulates each run's weight gradient in place (indexing the
+    stacked weights under autograd would allocate a full-size zero gradient per run)."""
+
+    @staticmethod
+    def forward(ctx, x, y, a, b, scaling, runs):
+        n, t, d_in = x.shape
+        x2, out = x.reshape(n * t, d_in), y.reshape(n * t, -1).clone()
+        xa = x2.new_empty(n * t, a.shape[-1])
+        for s, e, k in runs:
+            rs = slice(s * t, e * t)
+            torch.mm(x2[rs], a[k], out=xa[rs])
+            out[rs].addmm_(xa[rs], b[k], alpha=scaling)
+        ctx.save_for_backward(x2, xa, a, b)
+        ctx.scaling, ctx.runs, ctx.shape = scaling, runs, x.shape
+        return out.view(y.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, xa, a, b = ctx.saved_tensors
+        n, t, _ = ctx.shape
+        g = grad.reshape(n * t, -1)
+        # Written once per slot or row, so allocated uninitialised; only what no run writes
+        # (base rows, unused slots) is zeroed.
+        gx = torch.empty_like(x2) if ctx.needs_input_grad[0] else None
+        ga, gb = torch.empty_like(a), torch.empty_like(b)
+        seen: set[int] = set()
+        covered = 0
+        for s, e, k in ctx.runs:
+            rs = slice(s * t, e * t)
+            gxa = torch.mm(g[rs], b[k].t()).mul_(ctx.scaling)
+            if k in seen:
+                gb[k].addmm_(xa[rs].t(), g[rs], alpha=ctx.scaling)
+                ga[k].addmm_(x2[rs].t(), gxa)
+            else:
+                torch.mm(xa[rs].t(), g[rs], out=gb[k]).mul_(ctx.scaling)
+                torch.mm(x2[rs].t(), gxa, out=ga[k])
+                seen.add(k)
+            if gx is not None:
+                gx[covered : s * t].zero_()
+                torch.mm(gxa, a[k].t(), out=gx[rs])
+                covered = e * t
+        if gx is not None:
+            gx[covered:].zero_()
+            gx = gx.view(ctx.shape)
+        for k in range(a.shape[0]):
+            if k not in seen:
+                ga[k].zero_()
+                gb[k].zero_()
+        return gx, grad, ga, gb, None, None
 
 
 @dataclass
@@ -126,20 +256,17 @@ class MultiLoRA:
     @contextlib.contextmanager
     def route(self, rows: torch.Tensor | list[int] | None):
         """Within the block, batch row i goes through adapter rows[i] (-1: no adapter)."""
-        prev = (self.router.rows, self.router.base_mask, self.router.identity)
-        identity = False
+        prev = self.router.route
         if rows is not None:
-            identity = list(rows) == list(range(self.k))
             device = next(iter(self.parameters())).device
-            rows = torch.as_tensor(rows, dtype=torch.long, device=device)
-            self.router.base_mask = (rows >= 0) if bool((rows < 0).any()) else None
+            rows = rows.tolist() if isinstance(rows, torch.Tensor) else [int(r) for r in rows]
+            self.router.route = _Route(rows, self.k, device)
         else:
-            self.router.base_mask = None
-        self.router.rows, self.router.identity = rows, identity
+            self.router.route = None
         try:
             yield
         finally:
-            self.router.rows, self.router.base_mask, self.router.identity = prev
+            self.router.route = prev
 
     def state(self, slot: int) -> dict[str, torch.Tensor]:
         """A copy of one adapter, keyed by module name (A: [in, r], B: [r, out])."""
@@ -239,8 +366,10 @@ class BatchedAdamW:
         if len(grads) != len(self.params):
             raise RuntimeError("BatchedAdamW.step: some adapter parameters have no gradient")
         # Per-adapter global gradient norm (one pass over the gradients).
-        sq = torch.stack([g.float().pow(2).flatten(1).sum(1) for g in grads]).sum(0)
-        norms = sq.sqrt().cpu()
+        per_param = [
+            torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float32) for g in grads
+        ]
+        norms = torch.linalg.vector_norm(torch.stack(per_param), dim=0).cpu()
         slots = [int(k) for k in torch.nonzero(active.cpu()).flatten()]
         for k in slots:
             self.steps[k] += 1

@@ -1,16 +1,18 @@
 """Fine-tuning mechanics shared by the inner loop and the ReST-EM generator update.
 
 `train_adapters` trains several LoRA adapters of a `MultiLoRA` in the same forward/backward
-passes: at global step s every adapter that still has steps contributes its own batch s; rows
-are right-padded to the longest row of that step only (dynamic padding — no 2,048-token pads),
-and logits are computed only where the loss is, so the vocabulary projection of prompt and
-padding positions is never paid for.
+passes: at global step s every adapter that still has steps contributes its own batch s. The
+pass's sequences are packed into rows as wide as its longest sequence (no 2,048-token pads; short
+sequences of different adapters share a row, kept apart by restarting position ids, and each
+token goes through its own adapter), and logits are computed only where the loss is, so the
+vocabulary projection of prompt and padding positions is never paid for.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -60,7 +62,7 @@ class TrainStats:
     losses: list[float]
     steps: int
     tokens: int  # loss tokens seen
-    padded_tokens: int  # tokens computed, padding included
+    input_tokens: int  # tokens run through the model (prompt tokens included, padding not)
 
 
 def text_example(tokenizer, text: str, max_len: int, add_eos: bool = True) -> Example:
@@ -110,6 +112,48 @@ def _plan(job: AdapterJob) -> list[list[Example]]:
     return batches
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of `h @ w.T` against `targets`, chunk by chunk of tokens,
+    without keeping the [tokens, vocabulary] logits (1.2 GB in fp32 for 2,048 tokens of a
+    151k vocabulary, and as much again for the log-softmax and its gradient): each chunk's
+    gradient with respect to h (softmax minus one-hot, times w) is computed in the forward
+    pass and only scaled by the incoming per-token gradient in the backward. `w` is frozen."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, chunk):
+        n = h.shape[0]
+        loss = torch.empty(n, dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h)
+        rows = torch.arange(min(n, chunk), device=h.device)
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            logits = (h[s:e] @ w.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            tgt = targets[s:e]
+            loss[s:e] = lse - logits[rows[: e - s], tgt]
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[rows[: e - s], tgt] -= 1.0
+            torch.mm(probs.to(w.dtype), w, out=grad_h[s:e])
+        ctx.save_for_backward(grad_h)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_loss[:, None].to(grad_h.dtype), None, None, None
+
+
+def linear_cross_entropy(h, head: torch.nn.Linear, targets, chunk_bytes: int = 64 << 20):
+    """Per-token cross-entropy of the frozen vocabulary projection `head` applied to hidden
+    states `h` ([tokens, hidden]); equal to `F.cross_entropy(head(h).float(), targets,
+    reduction="none")` with its gradient, in chunks of at most `chunk_bytes` of logits."""
+    w = head.weight
+    if w.requires_grad or getattr(head, "bias", None) is not None:
+        return F.cross_entropy(head(h).float(), targets, reduction="none")
+    chunk = max(1, chunk_bytes // (4 * w.shape[0]))
+    return _LinearCrossEntropy.apply(h, w, targets, chunk)
+
+
 def causal_lm_parts(model):
     """(decoder, lm_head) of a Hugging Face causal LM."""
     return model.base_model, model.get_output_embeddings()
@@ -130,25 +174,47 @@ def _batch_len(batch: list[Example], max_len: int) -> int:
     return max(min(len(e.input_ids), max_len) for e in batch)
 
 
-def pick_adapters(next_lens: dict[int, tuple[int, int]], overhead_tokens: int) -> list[int]:
-    """Which adapters take their next step in this pass.
+def pack_rows(lengths: list[int]) -> list[list[int]]:
+    """Sequences (by length) packed into rows as wide as the longest one, first-fit
+    decreasing: short sequences share a row instead of each being padded to the longest."""
+    width = max(lengths)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(width - lengths[i])
+    return rows
 
-    `next_lens[i] = (padded length, rows)` of adapter i's next batch. Adapters are independent,
-    so any subset may advance — each still sees its own batches in its own order. A pass
-    costs about `overhead_tokens + rows * longest` token-equivalents; this picks the subset
-    {i : length_i <= L} with the most real tokens per unit of cost. Adapters waiting at a long
-    sequence gather until they can run together, so short and long rows rarely share a pass
-    and little compute goes to padding."""
-    order = sorted(next_lens, key=lambda i: next_lens[i][0])
-    best, best_score, useful, rows = order[:1], -1.0, 0, 0
-    for n, i in enumerate(order, 1):
-        length, r = next_lens[i]
-        useful += length * r
-        rows += r
-        score = useful / (overhead_tokens + rows * length)
-        if score >= best_score:
-            best, best_score = order[:n], score
-    return best
+
+_PACKING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def supports_packing(model) -> bool:
+    """Whether `model` keeps packed sequences apart (a new sequence starts where position ids
+    restart, as transformers' masks do for attention_mask=None): checked once per model by
+    comparing two sequences packed in one row with each run alone."""
+    if model not in _PACKING:
+        decoder, _ = causal_lm_parts(model)
+        device = next(model.parameters()).device
+        a, b = torch.tensor([[5, 9, 7, 3]], device=device), torch.tensor([[4, 8, 6]], device=device)
+        pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2]], device=device)
+        try:
+            packed = decoder(
+                input_ids=torch.cat([a, b], 1), position_ids=pos, use_cache=False
+            ).last_hidden_state
+            alone = decoder(input_ids=b, use_cache=False).last_hidden_state
+            ok = torch.allclose(packed[:, 4:].float(), alone.float(), atol=1e-2, rtol=1e-2)
+        except (TypeError, ValueError, RuntimeError):
+            ok = False
+        _PACKING[model] = ok
+    return _PACKING[model]
 
 
 def train_adapters(
@@ -157,12 +223,12 @@ def train_adapters(
     jobs: list[AdapterJob],
     pad_id: int = 0,
     progress=None,
-    overhead_tokens: int = 64,
+    pack: bool | None = None,
 ) -> list[TrainStats]:
     """Train each job's adapter slot; adapters are independent, as if trained one by one.
 
-    Slots must have been `reset` by the caller. Each pass trains a subset of the adapters on
-    their next batch (see `pick_adapters`); every adapter's own sequence of batches, learning
+    Slots must have been `reset` by the caller. Each pass trains every unfinished adapter on
+    its next batch (packed, see `pack_rows`); every adapter's own sequence of batches, learning
     rates and optimizer steps is exactly what it would be alone. Returns per-job loss curves
     and token counts."""
     if len({j.slot for j in jobs}) != len(jobs):
@@ -172,6 +238,7 @@ def train_adapters(
             raise ValueError(f"adapter job in slot {j.slot} has no training examples")
     decoder, head = causal_lm_parts(model)
     device = next(model.parameters()).device
+    pack = supports_packing(model) if pack is None else pack
     plans = [_plan(j) for j in jobs]
     totals = [len(p) for p in plans]
     done = [0] * len(jobs)  # steps taken by each adapter
@@ -193,28 +260,49 @@ def train_adapters(
             }
             if not waiting:
                 break
-            active = sorted(pick_adapters(waiting, overhead_tokens))
-            rows, seqs, owners = [], [], []
+            # Every adapter with steps left takes its next step in this pass; its sequences
+            # are packed with the others' into rows as wide as the longest (see pack_rows).
+            active = sorted(waiting)
+            seqs, owners = [], []
             for i in active:
                 for ex in plans[i][done[i]]:
                     n = min(len(ex.input_ids), jobs[i].hp.max_seq_len)
-                    rows.append(jobs[i].slot)
                     seqs.append((ex.input_ids[:n], ex.loss_mask[:n]))
                     owners.append(i)
-            ids, mask = pad_right(seqs, pad_id, device)
-            width = ids.shape[1]
-            # Right padding under a causal mask: real tokens never attend to the pads after
-            # them, so no attention mask is needed (and the fast causal kernel is used).
-            with lora.route(rows):
-                hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
-            target_mask = mask[:, 1:]
-            h = hidden[:, :-1][target_mask]
-            targets = ids[:, 1:][target_mask]
+            lengths = [len(ids) for ids, _ in seqs]
+            layout = pack_rows(lengths) if pack else [[k] for k in range(len(seqs))]
+            width = max(lengths)
+            ids = torch.full((len(layout), width), pad_id, dtype=torch.long)
+            pos = torch.zeros((len(layout), width), dtype=torch.long)
+            slots = torch.full((len(layout), width), -1, dtype=torch.long)
+            src, tgt, tok_owner = [], [], []
+            for r, members in enumerate(layout):
+                at = 0
+                for k in members:
+                    s_ids, s_mask = seqs[k]
+                    n = len(s_ids)
+                    ids[r, at : at + n] = torch.tensor(s_ids)
+                    pos[r, at : at + n] = torch.arange(n)
+                    slots[r, at : at + n] = jobs[owners[k]].slot
+                    # Position p predicts token p + 1 where that token is a loss target.
+                    for p in range(n - 1):
+                        if s_mask[p + 1]:
+                            src.append(r * width + at + p)
+                            tgt.append(s_ids[p + 1])
+                            tok_owner.append(owners[k])
+                    at += n
+                # The row's padding continues the last sequence's positions: real tokens
+                # never attend to it (causal), and it needs no mask of its own.
+                pos[r, at:] = torch.arange(pos[r, at - 1] + 1, pos[r, at - 1] + 1 + width - at)
+            ids, pos = ids.to(device), pos.to(device)
+            with lora.route(slots.flatten().tolist()):
+                hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+            h = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(src, device=device)]
+            targets = torch.tensor(tgt, device=device)
             # Logits only where the loss is: prompt and padding positions never pay for the
             # vocabulary projection.
-            tok_loss = F.cross_entropy(head(h).float(), targets, reduction="none")
-            row_of_tok = torch.arange(len(seqs), device=device)[:, None].expand_as(target_mask)
-            owner = torch.tensor(owners, device=device)[row_of_tok[target_mask]]
+            tok_loss = linear_cross_entropy(h, head, targets)
+            owner = torch.tensor(tok_owner, device=device)
             loss_sum = torch.zeros(n_jobs, device=device).index_add(0, owner, tok_loss)
             n_tok = torch.zeros(n_jobs, device=device).index_add(
                 0, owner, torch.ones_like(tok_loss)
@@ -238,8 +326,8 @@ def train_adapters(
                 stats[i].steps += 1
                 stats[i].tokens += int(n_tok[i])
                 done[i] += 1
-            for i in owners:
-                stats[i].padded_tokens += width
+            for k, i in enumerate(owners):
+                stats[i].input_tokens += lengths[k]
             if progress is not None:
                 progress(sum(done), sum(totals))
     finally:

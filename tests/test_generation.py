@@ -1,0 +1,86 @@
+"""The hand-written decode loop: same tokens as transformers' generate, rows that stop leave the
+batch without changing the others, and rows with one prompt share one prefill."""
+
+import torch
+
+from seal import generation
+from seal.generation import SamplingParams, generate, sample_completions
+
+
+def _prompts(tok):
+    texts = [
+        "The Varrow lighthouse",
+        "A river called Pell runs",
+        "x",
+        "Some longer prompt text here",
+    ]
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_greedy_equals_transformers_generate(tiny, monkeypatch):
+    tok, model = tiny.tokenizer, tiny.model
+    monkeypatch.setattr(generation, "stop_token_ids", lambda _tok: [])  # decode all 10 tokens
+    prompts = _prompts(tok)
+    ours = generate(model, tok, prompts, SamplingParams(10))
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ref = model.generate(
+        input_ids=ids,
+        attention_mask=att,
+        max_new_tokens=10,
+        min_new_tokens=10,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    assert ours == ref[:, width:].tolist()
+
+
+def test_rows_that_stop_leave_without_changing_the_others(tiny, monkeypatch):
+    tok, model = tiny.tokenizer, tiny.model
+    prompts = _prompts(tok)
+    monkeypatch.setattr(generation, "stop_token_ids", lambda _tok: [])
+    params = SamplingParams(12, do_sample=True, temperature=2.0)
+    seeds = [11, 12, 13, 14]
+    full = generate(model, tok, prompts, params, row_seeds=seeds)
+    # Row 0 stops after k >= 2 tokens; the others wherever this token first appears (if at all).
+    k = next(k for k in range(2, 12) if full[0][k] not in full[0][:k])
+    stop = full[0][k]
+    monkeypatch.setattr(generation, "stop_token_ids", lambda _tok: [stop])
+    cut = generate(model, tok, prompts, params, row_seeds=seeds)
+    for f, c in zip(full, cut, strict=True):
+        assert c == (f[: f.index(stop)] if stop in f else f)
+    assert len(cut[0]) == k
+
+
+def test_same_prompt_rows_share_one_prefill_and_equal_rows_alone(tiny, monkeypatch):
+    tok, model = tiny.tokenizer, tiny.model
+    texts = ["The Varrow lighthouse was", "A river called Pell"]
+    params = SamplingParams(8, do_sample=True, temperature=1.0, top_p=0.9)
+    widths = []
+    real = type(model).forward
+
+    def spy(self, *a, **kw):
+        widths.append(tuple(kw["input_ids"].shape))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    together = sample_completions(model, tok, texts, 3, params, seed=5)
+    assert widths[0][0] == 2  # one prefill row per distinct prompt, not 6
+    assert all(w[0] <= 6 and w[1] == 1 for w in widths[1:])  # then one token per live row
+    # Each sample equals that row sampled on its own, with its own seed.
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    for i, p in enumerate(prompts):
+        for j in range(3):
+            seed = (5 + i) * 1_000_003 + j
+            alone = generate(model, tok, [p], params, row_seeds=[seed])
+            assert generation.decode(tok, alone)[0] == together[i][j]
+
+
+def test_sampling_is_reproducible_under_a_seed(tiny):
+    tok, model = tiny.tokenizer, tiny.model
+    params = SamplingParams(8, do_sample=True, temperature=0.8, top_p=0.95)
+    a = generate(model, tok, _prompts(tok), params, seed=3)
+    b = generate(model, tok, _prompts(tok), params, seed=3)
+    c = generate(model, tok, _prompts(tok), params, seed=4)
+    assert a == b and a != c
