@@ -332,3 +332,26 @@ def test_seal_run_arc_cpu_config_on_the_tiny_model(tmp_path):
     assert len(jobs) == 2 and all(j["reward"] in (0.0, 1.0) and "status" in j for j in jobs)
     assert metrics[1]["n_kept"] == 2 and metrics[1]["sft"]["n_pairs"] == 2
     assert (d / "checkpoints" / "round_1" / "adapter_model.safetensors").exists()
+    # Each eval round leaves its ARC-Prize submission, voted over the task's self-edits.
+    ev = [json.loads(x) for x in (d / "eval" / "round_1.jobs.jsonl").read_text().splitlines()]
+    for rnd in (0, 1):
+        sub = json.loads((d / "eval" / f"round_{rnd}.submission.json").read_text())
+        assert list(sub) == [ev[0]["ctx_id"]]
+        (entries,) = sub.values()
+        assert len(entries) == len(ev[0]["scores"])
+        assert all(set(e) == {"attempt_1", "attempt_2"} for e in entries)
+
+
+def test_task_submission_votes_over_every_run_of_a_task(task):
+    """Two runs of one task: the grid most predicted over both wins; JSON lists and tuples
+    count as the same grid, unparsed predictions are skipped, a task without runs gets the
+    placeholder."""
+    from seal.domains.arc.vote import task_submission
+
+    a, b = [[1, 2], [3, 4]], ((5,),)
+    n_tests = len(task.test_inputs)
+    runs = [[[a, None, b]] * n_tests, [[b, ((1, 2), (3, 4)), a]] * n_tests]
+    other = type(task)(**{**task.__dict__, "id": "other"})
+    sub = task_submission([task, other], {task.id: runs})
+    assert sub[task.id][0] == {"attempt_1": a, "attempt_2": [[5]]}
+    assert sub["other"][0] == {"attempt_1": [[0]], "attempt_2": [[0]]}

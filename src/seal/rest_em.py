@@ -293,6 +293,10 @@ def run(cfg: RunConfig, run_dir: RunDir, log=print, progress_factory=None) -> li
                 line["sft"] = sft_info
             append_jsonl(run_dir.file("metrics.jsonl"), [line])
             atomic_write_json(run_dir.file("eval", f"round_{rnd}.scores.json"), item_scores)
+            # Domain outputs of the round (ARC: the ARC-Prize submission), where it has any.
+            artifacts = getattr(domain, "eval_artifacts", None)
+            for name, obj in (artifacts(eval_ctx, ev_results) if artifacts else {}).items():
+                atomic_write_json(run_dir.file("eval", f"round_{rnd}.{name}"), obj)
             logger.log_dict({k: v for k, v in line.items() if isinstance(v, (int, float))}, rnd)
             run_dir.set_state(round=rnd, phase="done")
             log(format_round(line))

@@ -53,6 +53,11 @@ class Runner(Protocol):
 
 @runtime_checkable
 class Domain(Protocol):
+    """A SEAL domain: contexts, the self-edit prompt, jobs and the runner that scores them.
+
+    Optional: `eval_artifacts(contexts, results) -> {name: JSON object}`, files the outer loop
+    writes beside each round's eval scores as `eval/round_N.<name>` (ARC: the submission)."""
+
     name: str
     #: the paper's selection rule for this domain: "best" (knowledge) or "threshold" (binary)
     default_selection: str

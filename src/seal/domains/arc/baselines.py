@@ -38,7 +38,7 @@ from seal.models import DEFAULT_MODEL
 from .domain import ArcDomain, load_task_pool, resolve_tasks
 from .self_edit import ORACLE_CONFIG
 from .ttt import ArcInnerLoop, TTTOutcome, TTTRequest, parse_arc_settings
-from .vote import submission, vote
+from .vote import task_submission
 
 ROWS = ("icl", "own", "oracle")
 ROW_TITLES = {
@@ -135,13 +135,11 @@ def _row(name: str, outcomes: list[TTTOutcome], seconds: float) -> dict:
 
 def _submission(tasks, outcomes: list[TTTOutcome]) -> dict:
     """Per task and test input, the 2 attempts voted over all the row's predictions."""
-    attempts = {}
-    for t in tasks:
-        mine = [o.prediction for o in outcomes if o.task_id == t.id and o.prediction]
-        attempts[t.id] = [
-            vote([g for p in mine for g in p.predictions[k]]) for k in range(len(t.test_inputs))
-        ]
-    return submission(attempts)
+    runs: dict[str, list] = {}
+    for o in outcomes:
+        if o.prediction:
+            runs.setdefault(o.task_id, []).append(o.prediction.predictions)
+    return task_submission(tasks, runs)
 
 
 def _runs(outcomes: list[TTTOutcome]) -> list[dict]:

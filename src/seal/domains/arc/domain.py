@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from seal.config import ConfigError, SelfEditConfig
 from seal.domains.base import Job, Result
@@ -41,6 +42,7 @@ from .data import (
 )
 from .self_edit import budget_epochs, parse_self_edit, self_edit_prompt
 from .ttt import ArcInnerLoop, ArcSettings, TTTRequest, parse_arc_settings
+from .vote import task_submission
 
 # Named task sets (the paper's pools; "-small": only tasks whose grids are all <= 10x10,
 # `arc.small_max_side`, which keeps prompts short enough for CPU runs).
@@ -190,6 +192,16 @@ class ArcDomain:
 
     def make_runner(self, lm) -> ArcRunner:
         return ArcRunner(lm, self.inner_cfg, self.settings)
+
+    def eval_artifacts(self, tasks: Sequence[Task], results: dict[str, dict]) -> dict[str, Any]:
+        """Files kept beside a round's eval scores: `submission.json`, the ARC-Prize
+        submission of the round, each test input's 2 attempts voted over the predictions of
+        every self-edit (and repeat) of its task."""
+        runs: dict[str, list] = {}
+        for r in results.values():
+            if r["sample"] >= 0 and r.get("predictions"):
+                runs.setdefault(r["ctx_id"], []).append(r["predictions"])
+        return {"submission.json": task_submission(tasks, runs)}
 
     def sample_self_edits(self, lm, tasks: Sequence[Task], n: int, seed: int) -> list[list[str]]:
         """`n` self-edits per task from `lm`, resampling each one that does not parse, up to

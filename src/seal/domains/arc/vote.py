@@ -58,6 +58,25 @@ def submission(attempts_by_task: Mapping[str, Sequence[Attempts]]) -> dict[str, 
     }
 
 
+def task_submission(tasks: Sequence[Any], runs_by_task: Mapping[str, Sequence[Any]]) -> dict:
+    """The ARC-Prize submission of several runs per task (self-edits, repeats): per test input,
+    the 2 attempts voted over every prediction of every run. A run is its per-test-input
+    candidate lists (`predictions[k]`: grids as tuples or JSON lists, None where unparsed);
+    a task without runs gets placeholder attempts."""
+    attempts = {}
+    for t in tasks:
+        runs = runs_by_task.get(t.id, [])
+        attempts[t.id] = [
+            vote(_as_grid(g) for run in runs if k < len(run) for g in run[k])
+            for k in range(len(t.test_inputs))
+        ]
+    return submission(attempts)
+
+
+def _as_grid(g: Any) -> Grid | None:
+    return None if g is None else tuple(tuple(int(v) for v in row) for row in g)
+
+
 def is_solved(task: Any, attempts_per_test: Sequence[Attempts]) -> bool:
     """True when, for every test input of `task` (a `data.Task`), its known output equals one
     of that input's two attempts (the ARC-Prize rule).
