@@ -1,6 +1,8 @@
 """The hand-written decode loop: same tokens as transformers' generate, rows that stop leave the
 batch without changing the others, and rows with one prompt share one prefill."""
 
+import functools
+
 import torch
 
 from seal import generation
@@ -60,6 +62,7 @@ def test_same_prompt_rows_share_one_prefill_and_equal_rows_alone(tiny, monkeypat
     widths = []
     real = type(model).forward
 
+    @functools.wraps(real)  # keeps the signature, so the cache goes in as `cache`
     def spy(self, *a, **kw):
         widths.append(tuple(kw["input_ids"].shape))
         return real(self, *a, **kw)
