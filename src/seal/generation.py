@@ -168,8 +168,13 @@ def _decode_batch(model, prompts, idx, batch_rows, lora, params, stops, sampler,
     # One prefill per distinct (prompt, adapter); rows are expanded from it.
     keys = [(tuple(prompts[i]), batch_rows[r] if batch_rows else -1) for r, i in enumerate(idx)]
     uniq: dict[tuple, int] = {}
-    expand = [uniq.setdefault(k, len(uniq)) for k in keys]
-    firsts = [idx[keys.index(k)] for k in uniq]
+    firsts: list[int] = []  # the prompt index of each distinct key
+    expand = []
+    for k, i in zip(keys, idx, strict=True):
+        if k not in uniq:
+            uniq[k] = len(firsts)
+            firsts.append(i)
+        expand.append(uniq[k])
     width = max(len(prompts[i]) for i in firsts)
     ids = torch.zeros((len(firsts), width), dtype=torch.long)
     att = torch.zeros((len(firsts), width), dtype=torch.long)
@@ -178,13 +183,14 @@ def _decode_batch(model, prompts, idx, batch_rows, lora, params, stops, sampler,
         att[r, width - len(prompts[i]) :] = 1
     ids, att = ids.to(device), att.to(device)
     cache = _new_cache(model)
+    cache_arg = {_cache_kwarg(model): cache}
     route_rows = [k[1] for k in uniq] if batch_rows else None
     with _route(lora, route_rows):
         logits = model(
             input_ids=ids,
             attention_mask=att,
             position_ids=(att.cumsum(1) - 1).clamp(min=0),
-            **{_cache_kwarg(model): cache},
+            **cache_arg,
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
@@ -218,7 +224,7 @@ def _decode_batch(model, prompts, idx, batch_rows, lora, params, stops, sampler,
                 input_ids=tok[:, None],
                 attention_mask=att,
                 position_ids=att.sum(1, keepdim=True) - 1,
-                **{_cache_kwarg(model): cache},
+                **cache_arg,
                 use_cache=True,
             ).logits[:, -1]
     return new

@@ -56,7 +56,6 @@ class _Route:
             len(g) == self.m for g in groups.values()
         )
         self.gather = self.scatter = None
-        seg_slots = list(groups)
         self.runs: list[tuple[int, int, int]] | None = None
         if not self.contiguous and self.n_groups and _is_cpu(device):
             # CPU: the runs of consecutive rows with one adapter, as the rows stand (nothing
@@ -81,8 +80,8 @@ class _Route:
         # The adapter weights used, one per group (None: all K in slot order).
         self.slot_index = (
             None
-            if seg_slots == list(range(n_adapters)) or self.runs is not None
-            else torch.tensor(seg_slots, dtype=torch.long, device=device)
+            if list(groups) == list(range(n_adapters)) or self.runs is not None
+            else torch.tensor(list(groups), dtype=torch.long, device=device)
         )
 
 

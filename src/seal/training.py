@@ -170,10 +170,6 @@ def pad_right(seqs: list[tuple[list[int], list[bool]]], pad_id: int, device):
     return ids.to(device), mask.to(device)
 
 
-def _batch_len(batch: list[Example], max_len: int) -> int:
-    return max(min(len(e.input_ids), max_len) for e in batch)
-
-
 def pack_rows(lengths: list[int]) -> list[list[int]]:
     """Sequences (by length) packed into rows as wide as the longest one, first-fit
     decreasing: short sequences share a row instead of each being padded to the longest."""
@@ -253,16 +249,11 @@ def train_adapters(
     # The model stays in eval mode: LoRA dropout is 0 and the base's dropout must stay off.
     try:
         while True:
-            waiting = {
-                i: (_batch_len(plans[i][done[i]], jobs[i].hp.max_seq_len), len(plans[i][done[i]]))
-                for i in range(n_jobs)
-                if done[i] < totals[i]
-            }
-            if not waiting:
-                break
             # Every adapter with steps left takes its next step in this pass; its sequences
             # are packed with the others' into rows as wide as the longest (see pack_rows).
-            active = sorted(waiting)
+            active = [i for i in range(n_jobs) if done[i] < totals[i]]
+            if not active:
+                break
             seqs, owners = [], []
             for i in active:
                 for ex in plans[i][done[i]]:

@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .grids import Grid, grid_to_list
+from .grids import Grid, grid_to_list, validate_grid
 
 Attempts = tuple[Grid | None, Grid | None]
 
@@ -67,14 +67,15 @@ def task_submission(tasks: Sequence[Any], runs_by_task: Mapping[str, Sequence[An
     for t in tasks:
         runs = runs_by_task.get(t.id, [])
         attempts[t.id] = [
-            vote(_as_grid(g) for run in runs if k < len(run) for g in run[k])
+            vote(
+                None if g is None else validate_grid(g)
+                for run in runs
+                if k < len(run)
+                for g in run[k]
+            )
             for k in range(len(t.test_inputs))
         ]
     return submission(attempts)
-
-
-def _as_grid(g: Any) -> Grid | None:
-    return None if g is None else tuple(tuple(int(v) for v in row) for row in g)
 
 
 def is_solved(task: Any, attempts_per_test: Sequence[Attempts]) -> bool:
