@@ -203,6 +203,23 @@ def test_training_flops_counts_decoder_adapter_and_head(tiny):
     decoder = n - embed - (0 if tied else head)
     assert training_flops(model, 0, 10, 0) == 10 * 4 * decoder
     assert training_flops(model, 100, 10, 3) == 10 * (4 * decoder + 600) + 3 * 4 * head
+    # Attention: 12 FLOPs per (query, key) pair, query-head dimension and layer.
+    c = model.config
+    per_pair = (
+        12 * c.num_hidden_layers * c.num_attention_heads * (c.hidden_size // c.num_attention_heads)
+    )
+    assert training_flops(model, 0, 0, 0, attention_pairs=5) == 5 * per_pair
+
+
+def test_train_stats_count_tokens_and_causal_pairs(tiny):
+    """What MFU is computed from: tokens run (no padding) and causal pairs per sequence."""
+    lora, stats = _train(tiny, TEXTS, 3, TrainHP(epochs=2))
+    lora.remove()
+    for texts, st in zip(TEXTS, stats, strict=True):
+        lengths = [len(text_example(tiny.tokenizer, t, 64).input_ids) for t in texts]
+        assert st.input_tokens == 2 * sum(lengths)
+        assert st.attention_pairs == 2 * sum(n * (n + 1) // 2 for n in lengths)
+        assert st.tokens == 2 * sum(n - 1 for n in lengths)  # every next token is a target
 
 
 def test_packed_training_equals_unpacked(tiny):

@@ -1,31 +1,37 @@
 """`seal bench`: inner-loop throughput, measured against the reference design.
 
-Three ways to run the same inner loops (model, passages, self-edits, hyperparameters), in one
-process, one after another:
+Four ways to run the same inner loops (model, passages, self-edits, hyperparameters, initial
+adapter weights), in one process, one after another:
 
-  reference   a fresh PEFT model per self-edit, every sequence padded to `ref_pad` tokens
-              (2,048 in the paper's code), batch 1, one self-edit at a time, base answers
-              recomputed for every self-edit (as the reference server does)
-  sequential  the base model reused, dynamic padding, one self-edit at a time (seal's inner
-              loop with capacity 1)
-  seal        the batched multi-adapter inner loop (capacity K)
+  reference   (a) the paper's code's design with PEFT: a fresh PEFT model per self-edit,
+              every sequence padded to `ref_pad` tokens (2,048 there), batch 1, one
+              self-edit at a time, questions answered one at a time with the base model's
+              answer recomputed for every self-edit (as the reference server does)
+  sequential  (b) careful sequential code a user would write with PEFT and transformers:
+              one PEFT model reused (its adapter re-initialised per self-edit), dynamic
+              padding, torch AdamW, the passage's questions answered in one batched greedy
+              `generate`; one self-edit at a time
+  capacity1   seal's own engine with one adapter at a time (packing, the decode loop, the
+              fused optimizer and cross-entropy): what batching adapters alone adds
+  seal        (c) the batched multi-adapter inner loop (capacity K)
 
-It prints self-edit evaluations per hour, the ratios, the post-adaptation accuracy of each
-with its 95% CI (speed must not change the result), the model FLOPs utilisation of seal's
-training passes against a matmul peak measured in the same run, peak RSS, and self-edit
-sampling tokens per second. The reference mode keeps the loss off the padding (the reference
-code's loss on padding is an accident that changes results, not a cost).
+It prints self-edit evaluations per hour, the ratios c/a and c/b (and c/capacity1), the
+post-adaptation accuracy of each with its 95% CI (speed must not change the result), the
+model FLOPs utilisation of seal's training passes against a matmul peak measured in the same
+run in the model's dtype, peak RSS, and self-edit sampling tokens per second. The PEFT modes
+keep the loss off the padding (the reference code's loss on padding is an accident that
+changes results, not a cost).
 """
 
 from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from seal import stats
+from seal import grading, stats
 from seal.config import f, from_dict, to_dict
 from seal.domains.knowledge import (
     PROMPTS,
@@ -36,9 +42,19 @@ from seal.domains.knowledge import (
     self_edit_prompt_text,
     training_texts,
 )
-from seal.generation import SamplingParams, decode, generate, sample_completions
+from seal.generation import (
+    SamplingParams,
+    decode,
+    generate,
+    sample_completions,
+    stop_token_ids,
+)
 from seal.inner_loop import InnerLoop, InnerLoopConfig, KnowledgeJob
+from seal.lora import init_lora_a
 from seal.models import DEFAULT_MODEL
+from seal.training import text_example
+
+MODES = ("reference", "sequential", "capacity1", "seal")
 
 
 @dataclass
@@ -50,7 +66,9 @@ class BenchConfig:
     teacher: str = f("", "self-edits file (default: the demo teacher file for demo data)")
     n: int = f(8, "self-edits evaluated by the sequential and seal modes")
     n_reference: int = f(2, "self-edits evaluated by the (slow) reference mode")
-    modes: tuple[str, ...] = f(("reference", "sequential", "seal"), "which modes to run")
+    modes: tuple[str, ...] = f(
+        MODES, "which modes to run (of reference, sequential, capacity1, seal, ray)"
+    )
     ref_pad: int = f(2048, "reference mode: pad every sequence to this many tokens")
     capacity: int = f(0, "seal mode: adapters at once (0 = from free memory)")
     sample_passages: int = f(2, "passages for the sampling-throughput figure (0 = skip)")
@@ -65,6 +83,9 @@ class BenchConfig:
     def __post_init__(self):
         if self.inner_loop is None:
             self.inner_loop = InnerLoopConfig()
+        unknown = [m for m in self.modes if m not in (*MODES, "ray")]
+        if unknown:
+            raise ValueError(f"unknown bench mode(s) {unknown}; known: {[*MODES, 'ray']}")
 
 
 def matmul_peak_flops(
@@ -88,19 +109,34 @@ def matmul_peak_flops(
     return best
 
 
-def training_flops(model, n_adapter: int, input_tokens: int, loss_tokens: int) -> float:
+def training_flops(
+    model, n_adapter: int, input_tokens: int, loss_tokens: int, attention_pairs: int = 0
+) -> float:
     """Model FLOPs of LoRA training passes over a frozen base (what MFU counts): every input
     token goes through the decoder's matmuls forward and back to its input (2 + 2 FLOPs per
     weight: the frozen weights need no gradient of their own) and through its adapter of
     `n_adapter` weights (2 forward + 2 input-gradient + 2 weight-gradient); only loss tokens
-    go through the vocabulary projection (2 + 2). Embedding lookups are not FLOPs; attention
-    scores are left out (small at these lengths), so this slightly undercounts."""
+    go through the vocabulary projection (2 + 2). Attention scores count per causal (query,
+    key) pair of a sequence, as in PaLM's MFU: Q.K and P.V forward (2 + 2 per query-head
+    dimension) and both operands' gradients of each (8), in every layer; the masked half of
+    the score matrix and pairs across packed sequences are not counted. Embedding lookups,
+    norms and activations are not FLOPs here."""
     head = model.get_output_embeddings().weight
     embed = model.get_input_embeddings().weight
     n_all = sum(p.numel() for p in model.parameters())  # tied weights counted once
     n_head_extra = 0 if head.data_ptr() == embed.data_ptr() else head.numel()
     n_decoder = n_all - embed.numel() - n_head_extra
-    return input_tokens * (4 * n_decoder + 6 * n_adapter) + loss_tokens * 4 * head.numel()
+    return (
+        input_tokens * (4 * n_decoder + 6 * n_adapter)
+        + loss_tokens * 4 * head.numel()
+        + attention_pairs * attention_flops_per_pair(model.config)
+    )
+
+
+def attention_flops_per_pair(config) -> int:
+    """Forward and backward FLOPs of one (query, key) pair over all layers and query heads."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 12 * config.num_hidden_layers * config.num_attention_heads * head_dim
 
 
 def _sync(device):
@@ -130,91 +166,166 @@ def _accuracy(results, metric: str) -> dict:
     return stats.mean_ci(scores)
 
 
-def run_reference(lm, cfg: BenchConfig, jobs: list[KnowledgeJob]) -> list:
-    """The reference design, one self-edit at a time (see the module docstring)."""
+def _peft_model(model, ic: InnerLoopConfig):
     from peft import LoraConfig, get_peft_model
 
-    from seal import grading
-    from seal.inner_loop import InnerLoopResult, summarize
-    from seal.training import lr_factor
+    cfg = LoraConfig(
+        r=ic.r,
+        lora_alpha=ic.alpha,
+        lora_dropout=0.0,
+        target_modules=list(ic.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, cfg)
 
-    ic, tok, model = cfg.inner_loop, lm.tokenizer, lm.model
+
+@torch.no_grad()
+def _reset_peft_adapter(pm, seed: int) -> None:
+    """The adapter `MultiLoRA.reset(slot, seed)` would give (same draws, same module order),
+    so every mode starts each self-edit from the same weights."""
+    from peft.tuners.lora import LoraLayer
+
+    gen = torch.Generator().manual_seed(int(seed))
+    for m in pm.modules():
+        if isinstance(m, LoraLayer) and "default" in m.lora_A:
+            a = m.lora_A["default"].weight  # [r, in]
+            a.copy_(init_lora_a(a.shape[1], a.shape[0], gen).T)
+            m.lora_B["default"].weight.zero_()
+
+
+def _peft_train(pm, lm, ic: InnerLoopConfig, job: KnowledgeJob, pad_to: int | None) -> list:
+    """AdamW on the PEFT adapter over the job's batches (`training.batch_plan`: the same shuffled
+    batches as seal's trainer), each padded to `pad_to` tokens or, if None, to its longest
+    sequence. The loss (transformers' own) is on the same tokens as seal's, never on padding."""
+    from seal.training import AdapterJob, batch_plan, lr_factor
+
+    tok, hp = lm.tokenizer, ic.train_hp()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    out = []
-    for job in jobs:
-        t0 = time.time()
-        peft_cfg = LoraConfig(
-            r=ic.r,
-            lora_alpha=ic.alpha,
-            lora_dropout=0.0,
-            target_modules=list(ic.target_modules),
-            task_type="CAUSAL_LM",
-        )
-        torch.manual_seed(job.seed)
-        pm = get_peft_model(model, peft_cfg)
-        params = [p for p in pm.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=ic.lr, weight_decay=ic.weight_decay)
-        seqs = [
-            tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in job.texts
-        ]
-        total = ic.epochs * len(seqs)
-        g = torch.Generator().manual_seed(job.seed)
-        step, losses = 0, []
-        for _ in range(ic.epochs):
-            for i in torch.randperm(len(seqs), generator=g).tolist():
-                s = seqs[i][: cfg.ref_pad]
-                ids = torch.full((1, cfg.ref_pad), pad, dtype=torch.long)
-                ids[0, : len(s)] = torch.tensor(s)
-                att = torch.zeros_like(ids)
-                att[0, : len(s)] = 1
-                labels = ids.clone()
-                labels[att == 0] = -100
-                loss = pm(
-                    input_ids=ids.to(lm.device),
-                    attention_mask=att.to(lm.device),
-                    labels=labels.to(lm.device),
-                ).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, ic.max_grad_norm or 1e9)
-                for grp in opt.param_groups:
-                    grp["lr"] = ic.lr * lr_factor(ic.schedule, step, total, 0)
-                opt.step()
-                opt.zero_grad()
-                losses.append(loss.item())
-                step += 1
-        # Answers: the base model's (recomputed per request, as the reference server does)
-        # and the adapted model's, one question at a time.
-        p = job.passages[0]
-        answers = []
-        for q in p.questions:
-            ids = tok(
-                answer_prompt_text(p.title, q.question, tok, chat=ic.chat), add_special_tokens=False
-            )["input_ids"]
-            with pm.disable_adapter():
-                generate(pm, tok, [ids], SamplingParams(ic.max_new_tokens))
-            answers.append(
-                decode(tok, generate(pm, tok, [ids], SamplingParams(ic.max_new_tokens)))[0]
-            )
-        pm.unload()  # remove the LoRA layers: the next self-edit gets a fresh PEFT model
-        grades = [
-            grading.grade_answer(a, list(q.answers), p.context)
-            for a, q in zip(answers, p.questions, strict=True)
-        ]
-        from dataclasses import asdict
+    examples = [text_example(tok, t, ic.max_seq_len) for t in job.texts]
+    plan = batch_plan(AdapterJob(0, examples, job.seed, hp))
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=ic.lr, weight_decay=ic.weight_decay)
+    warm = int(hp.warmup_ratio * len(plan))
+    losses = []
+    for step, batch in enumerate(plan):
+        width = pad_to or max(len(ex.input_ids) for ex in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        att = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for r, ex in enumerate(batch):
+            n = min(len(ex.input_ids), width)
+            ids[r, :n] = torch.tensor(ex.input_ids[:n])
+            att[r, :n] = 1
+            keep = torch.tensor(ex.loss_mask[:n])
+            labels[r, :n] = torch.where(keep, ids[r, :n], -100)
+        loss = pm(
+            input_ids=ids.to(lm.device),
+            attention_mask=att.to(lm.device),
+            labels=labels.to(lm.device),
+        ).loss
+        loss.backward()
+        if ic.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, ic.max_grad_norm)
+        for grp in opt.param_groups:
+            grp["lr"] = ic.lr * lr_factor(ic.schedule, step, len(plan), warm)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
 
-        out.append(
-            InnerLoopResult(
-                job.key,
-                None,
-                answers,
-                [asdict(x) for x in grades],
-                summarize(grades),
-                len(job.texts),
-                0,
-                losses,
-                time.time() - t0,
+
+@torch.no_grad()
+def _hf_answers(pm, lm, ic: InnerLoopConfig, prompts: list[list[int]]) -> list[str]:
+    """Greedy answers from transformers' `generate`, all prompts in one left-padded batch."""
+    tok = lm.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=lm.device)
+    att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=lm.device)
+    stops = stop_token_ids(tok)
+    out = pm.generate(
+        input_ids=ids,
+        attention_mask=att,
+        max_new_tokens=ic.max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=pad,
+        eos_token_id=stops,
+    )
+    seqs = []
+    for row in out[:, width:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        seqs.append(row[:cut])
+    return decode(tok, seqs)
+
+
+def run_peft(lm, cfg: BenchConfig, jobs: list[KnowledgeJob], style: str) -> list:
+    """Inner loops written with PEFT and transformers, one self-edit at a time: the
+    reference design (`style="reference"`) or careful sequential code (`"sequential"`);
+    see the module docstring for what each does."""
+    from seal.inner_loop import InnerLoopResult, summarize
+
+    if style not in ("reference", "sequential"):
+        raise ValueError(f"unknown PEFT bench style {style!r}")
+    ic, tok = cfg.inner_loop, lm.tokenizer
+    reference = style == "reference"
+    if reference:
+        ic = replace(ic, batch_size=1)
+    pm = None if reference else _peft_model(lm.model, ic)
+    out = []
+    try:
+        for job in jobs:
+            t0 = time.time()
+            if reference:
+                pm = _peft_model(lm.model, ic)  # a fresh PEFT model per self-edit
+            _reset_peft_adapter(pm, job.seed)
+            pm.eval()  # dropout off, as in seal's trainer (LoRA dropout is 0 anyway)
+            losses = _peft_train(pm, lm, ic, job, cfg.ref_pad if reference else None)
+            prompts = [
+                tok(answer_prompt_text(p.title, q.question, tok, chat=ic.chat),
+                    add_special_tokens=False)["input_ids"]
+                for p in job.passages
+                for q in p.questions
+            ]  # fmt: skip
+            if reference:
+                # One question at a time, the base model's answer recomputed for each (as the
+                # reference server does), then the adapted model's.
+                answers = []
+                for ids in prompts:
+                    with pm.disable_adapter():
+                        generate(pm, tok, [ids], SamplingParams(ic.max_new_tokens))
+                    answers += decode(
+                        tok, generate(pm, tok, [ids], SamplingParams(ic.max_new_tokens))
+                    )
+                pm.unload()  # remove the LoRA layers: the next self-edit gets a fresh model
+                pm = None
+            else:
+                answers = _hf_answers(pm, lm, ic, prompts)
+            grades = [
+                grading.grade_answer(a, list(q.answers), p.context)
+                for a, (p, q) in zip(
+                    answers, [(p, q) for p in job.passages for q in p.questions], strict=True
+                )
+            ]
+            metrics = summarize(grades)
+            out.append(
+                InnerLoopResult(
+                    job.key,
+                    metrics.get(ic.reward_metric),
+                    answers,
+                    [asdict(g) for g in grades],
+                    metrics,
+                    len(job.texts),
+                    0,
+                    losses,
+                    time.time() - t0,
+                )
             )
-        )
+    finally:
+        if pm is not None:
+            pm.unload()
     return out
 
 
@@ -253,13 +364,13 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             res["ray"] = run_ray_scaling(cfg, jobs[: cfg.n], log)
             continue
         t0 = time.time()
-        if mode == "reference":
-            sub = jobs[: cfg.n_reference]
-            results = run_reference(lm, cfg, sub)
+        if mode in ("reference", "sequential"):
+            sub = jobs[: cfg.n_reference if mode == "reference" else cfg.n]
+            results = run_peft(lm, cfg, sub, mode)
             train_s = None
         else:
             sub = jobs[: cfg.n]
-            cap = 1 if mode == "sequential" else cfg.capacity
+            cap = 1 if mode == "capacity1" else cfg.capacity
             inner = InnerLoop(lm, replace(cfg.inner_loop, capacity=cap))
             timing = _TrainTimer()
             with timing.patch():
@@ -278,13 +389,20 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         }
         if mode == "seal":
             entry["capacity"] = inner.capacity
-            flops = training_flops(lm.model, n_adapter, timing.input_tokens, timing.tokens)
+            flops = training_flops(
+                lm.model, n_adapter, timing.input_tokens, timing.tokens, timing.attention_pairs
+            )
+            attn = timing.attention_pairs * attention_flops_per_pair(lm.model.config)
             entry.update(
                 train_seconds=round(train_s, 2),
                 train_tokens=timing.tokens,
                 train_input_tokens=timing.input_tokens,
                 train_gflops=round(flops / 1e9, 1),
+                train_attention_gflops=round(attn / 1e9, 1),
                 mfu=round(flops / train_s / peak, 3) if train_s else None,
+                mfu_without_attention=round((flops - attn) / train_s / peak, 3)
+                if train_s
+                else None,
             )
         res["modes"][mode] = entry
         log(
@@ -305,6 +423,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         }
     res["speedup_vs_reference"] = ratio("seal", "reference")
     res["speedup_vs_sequential"] = ratio("seal", "sequential")
+    res["speedup_vs_capacity1"] = ratio("seal", "capacity1")
     res["mfu"] = m.get("seal", {}).get("mfu")
     if cfg.sample_passages:
         res["sampling_tokens_per_s"] = _sampling_speed(lm, passages[: cfg.sample_passages], cfg)
@@ -402,7 +521,7 @@ class _TrainTimer:
     """Times `train_adapters` calls and counts their real tokens, to compute MFU."""
 
     def __init__(self):
-        self.seconds, self.tokens, self.input_tokens = 0.0, 0, 0
+        self.seconds, self.tokens, self.input_tokens, self.attention_pairs = 0.0, 0, 0, 0
 
     def patch(self):
         import contextlib
@@ -417,6 +536,7 @@ class _TrainTimer:
             self.seconds += time.time() - t0
             self.tokens += sum(s.tokens for s in stats_)  # loss tokens
             self.input_tokens += sum(s.input_tokens for s in stats_)  # tokens run, no padding
+            self.attention_pairs += sum(s.attention_pairs for s in stats_)
             return stats_
 
         @contextlib.contextmanager

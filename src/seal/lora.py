@@ -85,6 +85,14 @@ class _Route:
         )
 
 
+def init_lora_a(d_in: int, r: int, gen: torch.Generator) -> torch.Tensor:
+    """A fresh LoRA A matrix, [d_in, r], U(±1/sqrt(d_in)) (PEFT's Kaiming-uniform default)
+    drawn from `gen`. Adapters are initialised module by module in the model's module order,
+    so PEFT adapters initialised with the same draws start equal (see bench.py)."""
+    bound = 1.0 / math.sqrt(d_in)
+    return torch.rand(d_in, r, generator=gen) * (2 * bound) - bound
+
+
 def _is_cpu(device) -> bool:
     return torch.device(device).type == "cpu"
 
@@ -108,8 +116,15 @@ class MultiLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(n_adapters, r, base.out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         route = self.router.route
+        if route is not None and route.runs is not None:
+            # CPU runs: the base output (a fresh [tokens, out] matrix, not a view) takes each
+            # run's low-rank term in place.
+            x2 = x.reshape(-1, x.shape[-1])
+            a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+            y2 = _RunLoRA.apply(x2, self.base(x2), a, b, self.scaling, route.runs, route.n)
+            return y2.view(*x.shape[:-1], y2.shape[-1])
+        y = self.base(x)
         if route is None or route.n_groups == 0:
             return y
         a, b = self.lora_A, self.lora_B
@@ -124,9 +139,6 @@ class MultiLoRALinear(nn.Module):
             y3 = y.reshape(g, m * t, d_out)
             xa = torch.bmm(x3.reshape(g, m * t, d_in), a)
             return torch.baddbmm(y3, xa, b, alpha=self.scaling).view(y.shape)
-        if route.runs is not None:  # CPU: one low-rank product per run of rows
-            out = _RunLoRA.apply(x3, y.reshape(route.n, t, d_out), a, b, self.scaling, route.runs)
-            return out.view(y.shape)
         # Elsewhere: pad the groups to equal size for one batched matmul.
         xg = x3.index_select(0, route.gather).view(g, m * t, d_in)
         delta = torch.bmm(torch.bmm(xg, a), b).view(g * m, t, d_out)
@@ -137,33 +149,34 @@ class MultiLoRALinear(nn.Module):
 
 
 class _RunLoRA(torch.autograd.Function):
-    """y + scaling * x A_k B_k for each run (start, end, k) of rows; other rows get y.
+    """y += scaling * x A_k B_k, in place, for each run (start, end, k) of the `n_rows` rows
+    of x ([n_rows * tokens, in]); other rows keep y.
 
     Written as one autograd function so that no adapter weight is ever gathered or copied
-    per row and the backward accumulates each run's weight gradient in place (indexing the
-    stacked weights under autograd would allocate a full-size zero gradient per run)."""
+    per row, the base output is not copied, and the backward accumulates each run's weight
+    gradient in place (indexing the stacked weights under autograd would allocate a
+    full-size zero gradient per run)."""
 
     @staticmethod
-    def forward(ctx, x, y, a, b, scaling, runs):
-        n, t, d_in = x.shape
-        x2, out = x.reshape(n * t, d_in), y.reshape(n * t, -1).clone()
-        xa = x2.new_empty(n * t, a.shape[-1])
+    def forward(ctx, x, y, a, b, scaling, runs, n_rows):
+        t = x.shape[0] // n_rows
+        xa = x.new_empty(x.shape[0], a.shape[-1])
         for s, e, k in runs:
             rs = slice(s * t, e * t)
-            torch.mm(x2[rs], a[k], out=xa[rs])
-            out[rs].addmm_(xa[rs], b[k], alpha=scaling)
-        ctx.save_for_backward(x2, xa, a, b)
-        ctx.scaling, ctx.runs, ctx.shape = scaling, runs, x.shape
-        return out.view(y.shape)
+            torch.mm(x[rs], a[k], out=xa[rs])
+            y[rs].addmm_(xa[rs], b[k], alpha=scaling)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x, xa, a, b)
+        ctx.scaling, ctx.runs, ctx.t = scaling, runs, t
+        return y
 
     @staticmethod
-    def backward(ctx, grad):
-        x2, xa, a, b = ctx.saved_tensors
-        n, t, _ = ctx.shape
-        g = grad.reshape(n * t, -1)
+    def backward(ctx, g):
+        x, xa, a, b = ctx.saved_tensors
+        t = ctx.t
         # Written once per slot or row, so allocated uninitialised; only what no run writes
         # (base rows, unused slots) is zeroed.
-        gx = torch.empty_like(x2) if ctx.needs_input_grad[0] else None
+        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         ga, gb = torch.empty_like(a), torch.empty_like(b)
         seen: set[int] = set()
         covered = 0
@@ -172,10 +185,10 @@ class _RunLoRA(torch.autograd.Function):
             gxa = torch.mm(g[rs], b[k].t()).mul_(ctx.scaling)
             if k in seen:
                 gb[k].addmm_(xa[rs].t(), g[rs], alpha=ctx.scaling)
-                ga[k].addmm_(x2[rs].t(), gxa)
+                ga[k].addmm_(x[rs].t(), gxa)
             else:
                 torch.mm(xa[rs].t(), g[rs], out=gb[k]).mul_(ctx.scaling)
-                torch.mm(x2[rs].t(), gxa, out=ga[k])
+                torch.mm(x[rs].t(), gxa, out=ga[k])
                 seen.add(k)
             if gx is not None:
                 gx[covered : s * t].zero_()
@@ -183,12 +196,11 @@ class _RunLoRA(torch.autograd.Function):
                 covered = e * t
         if gx is not None:
             gx[covered:].zero_()
-            gx = gx.view(ctx.shape)
         for k in range(a.shape[0]):
             if k not in seen:
                 ga[k].zero_()
                 gb[k].zero_()
-        return gx, grad, ga, gb, None, None
+        return gx, g, ga, gb, None, None, None
 
 
 @dataclass
@@ -247,9 +259,7 @@ class MultiLoRA:
         any slot, and the adapted model starts equal to the base model."""
         gen = torch.Generator().manual_seed(int(seed))
         for _, _, m in self.modules:
-            bound = 1.0 / math.sqrt(m.lora_A.shape[1])
-            init = torch.rand(m.lora_A.shape[1:], generator=gen) * (2 * bound) - bound
-            m.lora_A[slot].copy_(init)
+            m.lora_A[slot].copy_(init_lora_a(m.lora_A.shape[1], m.lora_A.shape[2], gen))
             m.lora_B[slot].zero_()
 
     @contextlib.contextmanager

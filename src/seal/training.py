@@ -63,6 +63,7 @@ class TrainStats:
     steps: int
     tokens: int  # loss tokens seen
     input_tokens: int  # tokens run through the model (prompt tokens included, padding not)
+    attention_pairs: int = 0  # causal (query, key) pairs within its sequences
 
 
 def text_example(tokenizer, text: str, max_len: int, add_eos: bool = True) -> Example:
@@ -101,7 +102,8 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def _plan(job: AdapterJob) -> list[list[Example]]:
+def batch_plan(job: AdapterJob) -> list[list[Example]]:
+    """The job's batches, epoch after epoch, each epoch shuffled by the job's seed."""
     rng = random.Random(job.seed)
     batches = []
     for _ in range(job.hp.epochs):
@@ -127,12 +129,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows = torch.arange(min(n, chunk), device=h.device)
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
+            r, tgt = rows[: e - s], targets[s:e]
             logits = (h[s:e] @ w.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            tgt = targets[s:e]
-            loss[s:e] = lse - logits[rows[: e - s], tgt]
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs[rows[: e - s], tgt] -= 1.0
+            # Softmax and log-sum-exp in three in-place passes over the chunk's logits.
+            top = logits.amax(dim=-1, keepdim=True)
+            target_logit = logits[r, tgt] - top[:, 0]
+            probs = logits.sub_(top).exp_()
+            total = probs.sum(dim=-1, keepdim=True)
+            loss[s:e] = total[:, 0].log() - target_logit
+            probs.div_(total)
+            probs[r, tgt] -= 1.0
             torch.mm(probs.to(w.dtype), w, out=grad_h[s:e])
         ctx.save_for_backward(grad_h)
         return loss
@@ -235,7 +241,7 @@ def train_adapters(
     decoder, head = causal_lm_parts(model)
     device = next(model.parameters()).device
     pack = supports_packing(model) if pack is None else pack
-    plans = [_plan(j) for j in jobs]
+    plans = [batch_plan(j) for j in jobs]
     totals = [len(p) for p in plans]
     done = [0] * len(jobs)  # steps taken by each adapter
     opt = BatchedAdamW(
@@ -319,6 +325,7 @@ def train_adapters(
                 done[i] += 1
             for k, i in enumerate(owners):
                 stats[i].input_tokens += lengths[k]
+                stats[i].attention_pairs += lengths[k] * (lengths[k] + 1) // 2
             if progress is not None:
                 progress(sum(done), sum(totals))
     finally:

@@ -1,0 +1,70 @@
+"""`seal bench`: its baselines do the same work as seal, and it writes the promised figures."""
+
+import json
+
+import pytest
+import torch
+
+from seal.bench import BenchConfig, _jobs, run_peft
+from seal.domains.knowledge import demo_path, load_passages, load_teacher_self_edits
+from seal.inner_loop import InnerLoop, InnerLoopConfig
+
+
+def _bench_jobs(n: int, epochs: int = 2):
+    cfg = BenchConfig(model="tiny-random", n=n, ref_pad=320)  # > the longest sequence
+    cfg.inner_loop = InnerLoopConfig(epochs=epochs, lr=1e-3, max_new_tokens=8)
+    passages = [p for p in load_passages(cfg.data) if p.questions]
+    edits = load_teacher_self_edits(str(demo_path("teacher_self_edits")), passages)
+    return cfg, _jobs(cfg, passages, edits, n)
+
+
+@pytest.mark.parametrize("style", ["sequential", "reference"])
+def test_peft_baselines_train_and_answer_like_seal(tiny, style):
+    """The PEFT baselines start from seal's initial adapter, take the same batches and
+    reach the same losses and greedy answers as seal's engine: the bench compares the speed
+    of one computation, not of different ones."""
+    cfg, jobs = _bench_jobs(2)
+    theirs = run_peft(tiny, cfg, jobs, style)
+    inner = InnerLoop(tiny, InnerLoopConfig(**{**vars(cfg.inner_loop), "capacity": 2}))
+    try:
+        ours = inner.run(jobs)
+    finally:
+        inner.close()
+    assert not any("lora" in n for n, _ in tiny.model.named_modules())  # left unwrapped
+    for a, b in zip(theirs, ours, strict=True):
+        assert a.key == b.key and len(a.losses) == len(b.losses) > 2
+        torch.testing.assert_close(
+            torch.tensor(a.losses), torch.tensor(b.losses), rtol=1e-3, atol=1e-3
+        )
+        assert a.losses[-1] < a.losses[0]  # it learned
+        assert a.answers == b.answers
+        assert a.metrics == b.metrics
+
+
+def test_bench_writes_every_figure(tmp_path):
+    from seal.cli import main
+
+    out = tmp_path / "bench.json"
+    code = main(
+        [
+            "bench", "--model", "tiny-random", "--n", "2", "n_reference=1", "ref_pad=64",
+            "inner_loop.epochs=1", "inner_loop.max_new_tokens=4", "sample_passages=1",
+            "--json", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    res = json.loads(out.read_text())
+    assert set(res["modes"]) == {"reference", "sequential", "capacity1", "seal"}
+    for mode in res["modes"].values():
+        assert mode["evals_per_hour"] > 0
+        assert {"mean", "ci_low", "ci_high", "n"} <= set(mode["accuracy"])
+    for key in ("speedup_vs_reference", "speedup_vs_sequential", "speedup_vs_capacity1"):
+        assert res[key] > 0
+    assert 0 < res["mfu"] < 1
+    assert res["peak_rss_gb"] > 0 and res["sampling_tokens_per_s"] > 0
+    assert res["modes"]["seal"]["train_gflops"] > 0
+
+
+def test_bench_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="unknown bench mode"):
+        BenchConfig(modes=("reference", "fast"))
