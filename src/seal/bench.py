@@ -64,7 +64,7 @@ class BenchConfig:
     model: str = f(DEFAULT_MODEL, "model to benchmark")
     data: str = f("demo:eval", "passages")
     teacher: str = f("", "self-edits file (default: the demo teacher file for demo data)")
-    n: int = f(8, "self-edits evaluated by the sequential and seal modes")
+    n: int = f(8, "self-edits evaluated by every mode but reference")
     n_reference: int = f(2, "self-edits evaluated by the (slow) reference mode")
     modes: tuple[str, ...] = f(
         MODES, "which modes to run (of reference, sequential, capacity1, seal, ray)"
