@@ -65,3 +65,18 @@ def test_same_seed_same_result(tiny, demo_eval):
     b.close()
     assert r1.answers == r2.answers
     torch.testing.assert_close(r1.losses, r2.losses)
+
+
+def test_auto_capacity_counts_checkpointed_activations(tiny, monkeypatch):
+    """With activation checkpointing a row keeps only each layer's input, so more adapters
+    fit in the same memory; the limit still caps the count."""
+    from seal import inner_loop
+    from seal.inner_loop import auto_capacity
+    from seal.lora import LoRASpec
+
+    monkeypatch.setattr(inner_loop, "available_memory_bytes", lambda _device: 1 << 30)
+    spec, cpu = LoRASpec(r=8, alpha=16), torch.device("cpu")
+    plain = auto_capacity(tiny.model, spec, 2048, cpu, limit=1000)
+    ckpt = auto_capacity(tiny.model, spec, 2048, cpu, limit=1000, checkpoint=True)
+    assert 1 <= plain < ckpt
+    assert auto_capacity(tiny.model, spec, 2048, cpu, limit=2, checkpoint=True) == 2

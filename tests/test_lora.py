@@ -248,6 +248,44 @@ def test_packed_training_equals_unpacked(tiny):
     assert pack_rows([5, 2, 3, 1]) == [[0], [2, 1], [3]]
 
 
+def test_checkpointed_training_equals_plain(tiny):
+    """Activation checkpointing recomputes each layer in the backward pass with the same
+    adapter routing: same losses and adapter weights as keeping the activations; the
+    layers are restored afterwards."""
+    from dataclasses import replace
+
+    from seal.training import supports_packing
+
+    supports_packing(tiny.model)  # its own forward passes, once per model, out of the count
+    results, calls = [], []
+    mlp = tiny.model.model.layers[0].mlp
+    for checkpoint in (True, False):
+        hp = replace(TrainHP(lr=5e-3, epochs=2, batch_size=2), checkpoint=checkpoint)
+        n = [0]
+        hook = mlp.register_forward_pre_hook(lambda *_, n=n: n.__setitem__(0, n[0] + 1))
+        try:
+            lora, stats = _train(tiny, TEXTS, 3, hp)
+        finally:
+            hook.remove()
+        calls.append(n[0])
+        results.append(([s.losses for s in stats], [lora.state(s) for s in range(3)]))
+        lora.remove()
+    assert calls[0] == 2 * calls[1] > 0  # recomputed in the backward pass
+    (la, sa), (lb, sb) = results
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+    for a, b in zip(sa, sb, strict=True):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert all("forward" not in vars(layer) for layer in tiny.model.model.layers)
+
+
+def test_checkpointing_needs_a_layer_stack():
+    from seal.training import decoder_layers
+
+    with pytest.raises(ValueError, match="no list of decoder layers"):
+        decoder_layers(torch.nn.Linear(2, 2))
+
+
 def test_linear_cross_entropy_equals_torch():
     """The chunked cross-entropy of a frozen head: same per-token losses and the same gradient
     with respect to the hidden states as F.cross_entropy on the full logits, chunk sizes that

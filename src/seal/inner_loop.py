@@ -46,6 +46,7 @@ class InnerLoopConfig:
     reward_metric: str = "strict"  # em | f1 | contains | strict | judge
     capacity: int = 0  # adapters trained at once; 0 = chosen from available memory
     answer_batch_size: int = 64
+    checkpoint: bool = False  # activation checkpointing in training (see TrainHP)
 
     def train_hp(self) -> TrainHP:
         return TrainHP(
@@ -57,6 +58,7 @@ class InnerLoopConfig:
             weight_decay=self.weight_decay,
             max_grad_norm=self.max_grad_norm,
             max_seq_len=self.max_seq_len,
+            checkpoint=self.checkpoint,
         )
 
     def lora_spec(self) -> LoRASpec:
@@ -103,21 +105,29 @@ def available_memory_bytes(device: torch.device) -> int:
 
 
 def auto_capacity(
-    model, spec: LoRASpec, max_tokens: int, device: torch.device, limit: int | None = None
+    model,
+    spec: LoRASpec,
+    max_tokens: int,
+    device: torch.device,
+    limit: int | None = None,
+    checkpoint: bool = False,
 ) -> int:
     """Adapters to train at once: as many as fit in half the free memory, at most `limit`
     (default: 16 on a GPU; 8 on a CPU, where a pass is compute-bound and more rows per pass
     add memory but measured no further speed).
 
     Per adapter: fp32 weights, gradients and two AdamW moments (16 bytes a parameter), plus
-    the activations of one row of `max_tokens` tokens kept for the backward pass."""
+    the activations of one row of `max_tokens` tokens kept for the backward pass (with
+    activation checkpointing: each layer's input, plus one layer's activations at a time)."""
     if limit is None:
         limit = 16 if device.type == "cuda" else 8
     cfg = model.config
     hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
     inter = getattr(cfg, "intermediate_size", 4 * hidden)
     per_param = 16 * spec.r * layers * (4 * 2 * hidden + 3 * (hidden + inter))
-    act = max_tokens * layers * (12 * hidden + 3 * inter) * 2 + max_tokens * cfg.vocab_size * 8
+    per_layer = (12 * hidden + 3 * inter) * 2
+    kept = (layers * hidden * 4 + per_layer) if checkpoint else layers * per_layer
+    act = max_tokens * kept + max_tokens * cfg.vocab_size * 8
     k = int(0.5 * available_memory_bytes(device) // (per_param + act))
     return max(1, min(limit, k))
 
@@ -132,7 +142,11 @@ class InnerLoop:
         if cfg.reward_metric == "judge" and judge is None:
             raise ValueError("reward_metric 'judge' needs a judge endpoint")
         self.capacity = cfg.capacity or auto_capacity(
-            lm.model, cfg.lora_spec(), min(cfg.max_seq_len, 512), lm.device
+            lm.model,
+            cfg.lora_spec(),
+            min(cfg.max_seq_len, 512),
+            lm.device,
+            checkpoint=cfg.checkpoint,
         )
         self.lora: MultiLoRA | None = None
         self._base_answers: dict[tuple[str, int], str] = {}

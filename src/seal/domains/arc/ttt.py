@@ -388,6 +388,7 @@ class ArcInnerLoop:
             inner.lora_spec(),
             min(inner.max_seq_len, 2048) * settings.batch_size,
             lm.device,
+            checkpoint=inner.checkpoint,
         )
         self.lora: MultiLoRA | None = None
 
@@ -415,6 +416,7 @@ class ArcInnerLoop:
             weight_decay=c.weight_decay,
             max_grad_norm=c.max_grad_norm,
             max_seq_len=c.max_seq_len,
+            checkpoint=c.checkpoint,
         )
 
     def run(self, requests: Sequence[TTTRequest], progress=None) -> list[TTTOutcome]:
