@@ -370,7 +370,7 @@ class BatchedAdamW:
     @torch.no_grad()
     def step(self, active: torch.Tensor, lrs: torch.Tensor) -> torch.Tensor:
         """One update of the `active` adapters ([K] bool) at learning rates `lrs` ([K]).
-        Returns the per-adapter gradient norms before clipping."""
+        Returns the per-adapter gradient norms before clipping, on the parameters' device."""
         grads = [p.grad for p in self.params if p.grad is not None]
         if len(grads) != len(self.params):
             raise RuntimeError("BatchedAdamW.step: some adapter parameters have no gradient")
@@ -378,17 +378,21 @@ class BatchedAdamW:
         per_param = [
             torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float32) for g in grads
         ]
-        norms = torch.linalg.vector_norm(torch.stack(per_param), dim=0).cpu()
+        norms = torch.linalg.vector_norm(torch.stack(per_param), dim=0)
+        device = grads[0].device
+        # Clipping as a divisor of the gradients, max(1, norm / max_norm) (HF's coefficient
+        # min(1, max_norm / (norm + 1e-6)) inverted), left on the device: no host sync.
+        if self.max_grad_norm is not None:
+            scales = ((norms + 1e-6) / self.max_grad_norm).clamp(min=1.0)
+        else:
+            scales = torch.ones_like(norms)
         slots = [int(k) for k in torch.nonzero(active.cpu()).flatten()]
         for k in slots:
             self.steps[k] += 1
-            coef = 1.0
-            if self.max_grad_norm is not None:
-                coef = min(1.0, self.max_grad_norm / (float(norms[k]) + 1e-6))
             # torch's fused AdamW kernel, run on adapter k's slices: one pass over the memory,
             # exactly torch.optim.AdamW's rule. grad_scale divides the gradients (clipping).
-            step_t = torch.tensor(float(self.steps[k]), device=grads[0].device)
-            scale = torch.tensor(1.0 / coef, device=grads[0].device)
+            step_t = torch.tensor(float(self.steps[k]), device=device)
+            scale = scales[k]
             torch._fused_adamw_(
                 [p.data[k] for p in self.params],
                 [g[k] for g in grads],

@@ -294,6 +294,7 @@ def train_adapters(
         max_grad_norm=jobs[0].hp.max_grad_norm,
     )
     stats = [TrainStats([], 0, 0, 0) for _ in jobs]
+    pass_losses: list[tuple[list[int], torch.Tensor]] = []
     n_jobs = len(jobs)
     # The model stays in eval mode: LoRA dropout is 0 and the base's dropout must stay off.
     try:
@@ -362,12 +363,13 @@ def train_adapters(
                 lrs[jobs[i].slot] = hp.lr * lr_factor(hp.schedule, done[i], totals[i], warm)
             opt.step(active_slots, lrs)
             opt.zero_grad()
-            per_job = per_job.detach().cpu()
+            # Losses stay on the device until training ends (no host sync per pass).
+            pass_losses.append((active, per_job.detach()))
             for i in active:
-                stats[i].losses.append(float(per_job[i]))
                 stats[i].steps += 1
-                stats[i].tokens += int(n_tok[i])
                 done[i] += 1
+            for i in tok_owner:
+                stats[i].tokens += 1
             for k, i in enumerate(owners):
                 stats[i].input_tokens += lengths[k]
                 stats[i].attention_pairs += lengths[k] * (lengths[k] + 1) // 2
@@ -375,4 +377,9 @@ def train_adapters(
                 progress(sum(done), sum(totals))
     finally:
         opt.zero_grad()
+    if pass_losses:
+        all_losses = torch.stack([loss for _, loss in pass_losses]).cpu().tolist()
+        for (active, _), row in zip(pass_losses, all_losses, strict=True):
+            for i in active:
+                stats[i].losses.append(row[i])
     return stats
