@@ -80,3 +80,23 @@ def test_auto_capacity_counts_checkpointed_activations(tiny, monkeypatch):
     ckpt = auto_capacity(tiny.model, spec, 2048, cpu, limit=1000, checkpoint=True)
     assert 1 <= plain < ckpt
     assert auto_capacity(tiny.model, spec, 2048, cpu, limit=2, checkpoint=True) == 2
+
+
+def test_checkpointed_inner_loop_gives_the_same_result(tiny, demo_eval):
+    """`inner_loop.checkpoint` reaches the trainer and changes memory, not results."""
+    from dataclasses import replace
+
+    p = demo_eval[0]
+    texts = training_texts(p, ["1. An implication.\n2. Another one."], PROMPTS["implications"])
+    out = []
+    for checkpoint in (False, True):
+        cfg = replace(CFG, checkpoint=checkpoint)
+        assert cfg.train_hp().checkpoint is checkpoint
+        inner = InnerLoop(tiny, cfg)
+        try:
+            out.append(inner.run([KnowledgeJob("a", [p], texts, seed=1)])[0])
+        finally:
+            inner.close()
+    plain, ckpt = out
+    torch.testing.assert_close(plain.losses, ckpt.losses, rtol=1e-5, atol=1e-6)
+    assert plain.answers == ckpt.answers
