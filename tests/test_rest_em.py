@@ -249,3 +249,28 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
         f"random SIGKILLs survived: {kills}, {progressed} after finishing some inner loops "
         f"(start-up {startup:.1f} s, work {work:.1f} s)"
     )
+
+
+def test_full_fine_tune_learns_and_checkpointing_changes_nothing(tiny):
+    """The full fine-tuning option of the generator update: losses fall, all weights are
+    frozen again afterwards, and activation checkpointing gives the same losses."""
+    import copy
+
+    import torch
+
+    from seal.rest_em import full_fine_tune
+    from seal.training import TrainHP, text_example
+
+    tok = tiny.tokenizer
+    examples = [
+        text_example(tok, t, 64) for t in ("The Varrow lighthouse was built in 1843.", "x y z")
+    ]
+    losses = []
+    for checkpoint in (False, True):
+        model = copy.deepcopy(tiny.model)  # the shared tiny model stays untouched
+        hp = TrainHP(lr=1e-3, epochs=4, batch_size=2, checkpoint=checkpoint)
+        st = full_fine_tune(model, examples, hp, seed=0, tok=tok)
+        assert st.steps == 4 and st.losses[-1] < st.losses[0]
+        assert not any(p.requires_grad for p in model.parameters())
+        losses.append(st.losses)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)

@@ -647,44 +647,43 @@ def make_executor(cfg: RunConfig, domain: Domain, student, restored: list, log=p
 
 def full_fine_tune(model, examples, hp: TrainHP, seed: int, tok):
     """Full fine-tuning (all weights) with AdamW — the option beside LoRA for the generator."""
-    import random
-
     import torch.nn.functional as F
 
-    from seal.training import TrainStats, causal_lm_parts, lr_factor, pad_right
+    from seal.training import (
+        AdapterJob,
+        TrainStats,
+        batch_plan,
+        causal_lm_parts,
+        checkpointed,
+        lr_factor,
+        pad_right,
+    )
 
     params = [p for p in model.parameters()]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-    rng = random.Random(seed)
     decoder, head = causal_lm_parts(model)
     device = next(model.parameters()).device
-    batches = []
-    for _ in range(hp.epochs):
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        batches += [
-            [examples[j] for j in order[i : i + hp.batch_size]]
-            for i in range(0, len(order), hp.batch_size)
-        ]
+    batches = batch_plan(AdapterJob(0, examples, seed, hp))  # the LoRA path's batches
     st = TrainStats([], 0, 0, 0)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     try:
-        for step, batch in enumerate(batches):
-            ids, mask = pad_right([(e.input_ids, e.loss_mask) for e in batch], pad, device)
-            hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
-            tm = mask[:, 1:]
-            loss = F.cross_entropy(head(hidden[:, :-1][tm]).float(), ids[:, 1:][tm])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm or 1e9)
-            for g in opt.param_groups:
-                g["lr"] = hp.lr * lr_factor(hp.schedule, step, len(batches), 0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            st.losses.append(float(loss))
-            st.steps += 1
-            st.tokens += int(tm.sum())
+        with checkpointed(decoder, hp.checkpoint):
+            for step, batch in enumerate(batches):
+                ids, mask = pad_right([(e.input_ids, e.loss_mask) for e in batch], pad, device)
+                hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+                tm = mask[:, 1:]
+                loss = F.cross_entropy(head(hidden[:, :-1][tm]).float(), ids[:, 1:][tm])
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm or 1e9)
+                for g in opt.param_groups:
+                    g["lr"] = hp.lr * lr_factor(hp.schedule, step, len(batches), 0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                st.losses.append(float(loss))
+                st.steps += 1
+                st.tokens += int(tm.sum())
     finally:
         for p in params:
             p.requires_grad_(False)

@@ -239,7 +239,7 @@ def decoder_layers(decoder) -> torch.nn.ModuleList:
 
 
 @contextlib.contextmanager
-def _checkpointed(decoder, on: bool):
+def checkpointed(decoder, on: bool):
     """Within the block (forward and backward), each decoder layer keeps only its inputs
     and recomputes its activations when the backward pass reaches it (non-reentrant
     `torch.utils.checkpoint`; no dropout runs, so the recomputation is exact)."""
@@ -298,83 +298,87 @@ def train_adapters(
     n_jobs = len(jobs)
     # The model stays in eval mode: LoRA dropout is 0 and the base's dropout must stay off.
     try:
-        while True:
-            # Every adapter with steps left takes its next step in this pass; its sequences
-            # are packed with the others' into rows as wide as the longest (see pack_rows).
-            active = [i for i in range(n_jobs) if done[i] < totals[i]]
-            if not active:
-                break
-            seqs, owners = [], []
-            for i in active:
-                for ex in plans[i][done[i]]:
-                    n = min(len(ex.input_ids), jobs[i].hp.max_seq_len)
-                    seqs.append((ex.input_ids[:n], ex.loss_mask[:n]))
-                    owners.append(i)
-            lengths = [len(ids) for ids, _ in seqs]
-            layout = pack_rows(lengths) if pack else [[k] for k in range(len(seqs))]
-            width = max(lengths)
-            ids = torch.full((len(layout), width), pad_id, dtype=torch.long)
-            pos = torch.zeros((len(layout), width), dtype=torch.long)
-            slots = torch.full((len(layout), width), -1, dtype=torch.long)
-            src, tgt, tok_owner = [], [], []
-            for r, members in enumerate(layout):
-                at = 0
-                for k in members:
-                    s_ids, s_mask = seqs[k]
-                    n = len(s_ids)
-                    ids[r, at : at + n] = torch.tensor(s_ids)
-                    pos[r, at : at + n] = torch.arange(n)
-                    slots[r, at : at + n] = jobs[owners[k]].slot
-                    # Position p predicts token p + 1 where that token is a loss target.
-                    for p in range(n - 1):
-                        if s_mask[p + 1]:
-                            src.append(r * width + at + p)
-                            tgt.append(s_ids[p + 1])
-                            tok_owner.append(owners[k])
-                    at += n
-                # The row's padding continues the last sequence's positions: real tokens
-                # never attend to it (causal), and it needs no mask of its own.
-                pos[r, at:] = torch.arange(pos[r, at - 1] + 1, pos[r, at - 1] + 1 + width - at)
-            ids, pos = ids.to(device), pos.to(device)
-            # The route stays set through the backward pass: checkpointed layers rerun their
-            # forward there.
-            with lora.route(slots.flatten().tolist()), _checkpointed(decoder, checkpoint):
-                hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
-                h = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(src, device=device)]
-                targets = torch.tensor(tgt, device=device)
-                # Logits only where the loss is: prompt and padding positions never pay for
-                # the vocabulary projection.
-                tok_loss = linear_cross_entropy(h, head, targets)
-                owner = torch.tensor(tok_owner, device=device)
-                loss_sum = torch.zeros(n_jobs, device=device).index_add(0, owner, tok_loss)
-                n_tok = torch.zeros(n_jobs, device=device).index_add(
-                    0, owner, torch.ones_like(tok_loss)
-                )
-                per_job = loss_sum / n_tok.clamp(min=1)
-                # Sum (not mean) over adapters: each adapter's gradient is then exactly the
-                # one it would get alone.
-                per_job.sum().backward()
-            active_slots = torch.zeros(lora.k, dtype=torch.bool)
-            lrs = torch.zeros(lora.k)
-            for i in active:
-                hp = jobs[i].hp
-                warm = int(hp.warmup_ratio * totals[i])
-                active_slots[jobs[i].slot] = True
-                lrs[jobs[i].slot] = hp.lr * lr_factor(hp.schedule, done[i], totals[i], warm)
-            opt.step(active_slots, lrs)
-            opt.zero_grad()
-            # Losses stay on the device until training ends (no host sync per pass).
-            pass_losses.append((active, per_job.detach()))
-            for i in active:
-                stats[i].steps += 1
-                done[i] += 1
-            for i in tok_owner:
-                stats[i].tokens += 1
-            for k, i in enumerate(owners):
-                stats[i].input_tokens += lengths[k]
-                stats[i].attention_pairs += lengths[k] * (lengths[k] + 1) // 2
-            if progress is not None:
-                progress(sum(done), sum(totals))
+        # Layers are checkpointed (if asked) for the whole run, not set up per pass.
+        with checkpointed(decoder, checkpoint):
+            while True:
+                # Every adapter with steps left takes its next step in this pass; its sequences
+                # are packed with the others' into rows as wide as the longest (see pack_rows).
+                active = [i for i in range(n_jobs) if done[i] < totals[i]]
+                if not active:
+                    break
+                seqs, owners = [], []
+                for i in active:
+                    for ex in plans[i][done[i]]:
+                        n = min(len(ex.input_ids), jobs[i].hp.max_seq_len)
+                        seqs.append((ex.input_ids[:n], ex.loss_mask[:n]))
+                        owners.append(i)
+                lengths = [len(ids) for ids, _ in seqs]
+                layout = pack_rows(lengths) if pack else [[k] for k in range(len(seqs))]
+                width = max(lengths)
+                ids = torch.full((len(layout), width), pad_id, dtype=torch.long)
+                pos = torch.zeros((len(layout), width), dtype=torch.long)
+                slots = torch.full((len(layout), width), -1, dtype=torch.long)
+                src, tgt, tok_owner = [], [], []
+                for r, members in enumerate(layout):
+                    at = 0
+                    for k in members:
+                        s_ids, s_mask = seqs[k]
+                        n = len(s_ids)
+                        ids[r, at : at + n] = torch.tensor(s_ids)
+                        pos[r, at : at + n] = torch.arange(n)
+                        slots[r, at : at + n] = jobs[owners[k]].slot
+                        # Position p predicts token p + 1 where that token is a loss target.
+                        for p in range(n - 1):
+                            if s_mask[p + 1]:
+                                src.append(r * width + at + p)
+                                tgt.append(s_ids[p + 1])
+                                tok_owner.append(owners[k])
+                        at += n
+                    # The row's padding continues the last sequence's positions: real tokens
+                    # never attend to it (causal), and it needs no mask of its own.
+                    pos[r, at:] = torch.arange(pos[r, at - 1] + 1, pos[r, at - 1] + 1 + width - at)
+                ids, pos = ids.to(device), pos.to(device)
+                # The route stays set through the backward pass: checkpointed layers rerun their
+                # forward there.
+                with lora.route(slots.flatten().tolist()):
+                    hidden = decoder(
+                        input_ids=ids, position_ids=pos, use_cache=False
+                    ).last_hidden_state
+                    h = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(src, device=device)]
+                    targets = torch.tensor(tgt, device=device)
+                    # Logits only where the loss is: prompt and padding positions never pay for
+                    # the vocabulary projection.
+                    tok_loss = linear_cross_entropy(h, head, targets)
+                    owner = torch.tensor(tok_owner, device=device)
+                    loss_sum = torch.zeros(n_jobs, device=device).index_add(0, owner, tok_loss)
+                    n_tok = torch.zeros(n_jobs, device=device).index_add(
+                        0, owner, torch.ones_like(tok_loss)
+                    )
+                    per_job = loss_sum / n_tok.clamp(min=1)
+                    # Sum (not mean) over adapters: each adapter's gradient is then exactly the
+                    # one it would get alone.
+                    per_job.sum().backward()
+                active_slots = torch.zeros(lora.k, dtype=torch.bool)
+                lrs = torch.zeros(lora.k)
+                for i in active:
+                    hp = jobs[i].hp
+                    warm = int(hp.warmup_ratio * totals[i])
+                    active_slots[jobs[i].slot] = True
+                    lrs[jobs[i].slot] = hp.lr * lr_factor(hp.schedule, done[i], totals[i], warm)
+                opt.step(active_slots, lrs)
+                opt.zero_grad()
+                # Losses stay on the device until training ends (no host sync per pass).
+                pass_losses.append((active, per_job.detach()))
+                for i in active:
+                    stats[i].steps += 1
+                    done[i] += 1
+                for i in tok_owner:
+                    stats[i].tokens += 1
+                for k, i in enumerate(owners):
+                    stats[i].input_tokens += lengths[k]
+                    stats[i].attention_pairs += lengths[k] * (lengths[k] + 1) // 2
+                if progress is not None:
+                    progress(sum(done), sum(totals))
     finally:
         opt.zero_grad()
     if pass_losses:
