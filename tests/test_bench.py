@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from seal.bench import BenchConfig, _jobs, run_peft
+from seal.bench import BenchConfig, _jobs, run_bench, run_peft
 from seal.domains.knowledge import demo_path, load_passages, load_teacher_self_edits
 from seal.inner_loop import InnerLoop, InnerLoopConfig
 
@@ -63,6 +63,19 @@ def test_bench_writes_every_figure(tmp_path):
     assert 0 < res["mfu"] < 1
     assert res["peak_rss_gb"] > 0 and res["sampling_tokens_per_s"] > 0
     assert res["modes"]["seal"]["train_gflops"] > 0
+    assert res["complete"] is True
+
+
+def test_bench_keeps_figures_of_finished_modes():
+    """`on_mode` sees the figures after every mode, so a bench stopped part-way keeps them."""
+    seen = []
+    cfg = BenchConfig(
+        model="tiny-random", n=1, modes=("sequential", "seal"), sample_passages=0,
+        inner_loop=InnerLoopConfig(epochs=1, max_new_tokens=4),
+    )  # fmt: skip
+    res = run_bench(cfg, log=lambda *_: None, on_mode=lambda r: seen.append(list(r["modes"])))
+    assert seen == [["sequential"], ["sequential", "seal"]]
+    assert res["complete"] is True
 
 
 def test_bench_rejects_unknown_mode():

@@ -329,7 +329,10 @@ def run_peft(lm, cfg: BenchConfig, jobs: list[KnowledgeJob], style: str) -> list
     return out
 
 
-def run_bench(cfg: BenchConfig, log=print) -> dict:
+def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:
+    """Runs the modes of `cfg` one after another and returns the figures. `on_mode(res)` is
+    called with the figures so far after each mode (`res["complete"]` False until the end),
+    so that a long bench stopped part-way keeps what it measured."""
     from seal.models import load_model
 
     lm = load_model(cfg.model, cfg.device, cfg.dtype, progress=log)
@@ -350,6 +353,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         "n_self_edits": len(jobs),
         "epochs": cfg.inner_loop.epochs,
         "modes": {},
+        "complete": False,
     }
     log(
         f"[bench] {cfg.model} on {lm.device} ({lm.dtype}), {len(jobs)} self-edits, "
@@ -362,6 +366,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     for mode in cfg.modes:
         if mode == "ray":
             res["ray"] = run_ray_scaling(cfg, jobs[: cfg.n], log)
+            if on_mode is not None:
+                on_mode(res)
             continue
         t0 = time.time()
         if mode in ("reference", "sequential"):
@@ -410,6 +416,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             f"{entry['seconds_per_eval']:7.2f} s/eval  {metric} "
             f"{_pct(acc['mean'])} [{_pct(acc['ci_low'])}, {_pct(acc['ci_high'])}]"
         )
+        if on_mode is not None:
+            on_mode(res)
     m = res["modes"]
 
     def ratio(a, b):
@@ -428,6 +436,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     if cfg.sample_passages:
         res["sampling_tokens_per_s"] = _sampling_speed(lm, passages[: cfg.sample_passages], cfg)
     res["peak_rss_gb"] = round(peak_rss_gb(), 2)
+    if lm.device.type == "cuda":
+        res["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(lm.device) / 1e9, 2)
+    res["complete"] = True
     return res
 
 

@@ -254,7 +254,8 @@ def cmd_bench(args) -> int:
         flags["ray_workers"] = [int(w) for w in (args.workers or "1,2").split(",")]
         flags["ray_address"] = args.ray_address
     cfg = _load_config(BenchConfig, args.config, flags, args.overrides)
-    res = run_bench(cfg)
+    # The JSON is rewritten after every mode: a long bench stopped part-way keeps its figures.
+    res = run_bench(cfg, on_mode=(lambda r: _write_json(args.json, r)) if args.json else None)
     if "ray" in res:
         print(json.dumps(res["ray"]["workers"], indent=1))
     print(

@@ -75,13 +75,13 @@ class _Route:
                     gather.append(i)
                     if j < len(members):
                         scatter[i] = g * self.m + j
-            self.gather = torch.tensor(gather, dtype=torch.long, device=device)
-            self.scatter = torch.tensor(scatter, dtype=torch.long, device=device)
+            self.gather = to_device(torch.tensor(gather, dtype=torch.long), device)
+            self.scatter = to_device(torch.tensor(scatter, dtype=torch.long), device)
         # The adapter weights used, one per group (None: all K in slot order).
         self.slot_index = (
             None
             if list(groups) == list(range(n_adapters)) or self.runs is not None
-            else torch.tensor(list(groups), dtype=torch.long, device=device)
+            else to_device(torch.tensor(list(groups), dtype=torch.long), device)
         )
 
 
@@ -95,6 +95,17 @@ def init_lora_a(d_in: int, r: int, gen: torch.Generator) -> torch.Tensor:
 
 def _is_cpu(device) -> bool:
     return torch.device(device).type == "cpu"
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without a host sync: a plain `.to("cuda")` of pageable memory
+    waits for the GPU to finish its queued work, so each one per training pass stalls the
+    host that should be queueing the pass's kernels. Through pinned memory the copy is queued
+    like a kernel (the pinned block is not reused before the copy has run)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class _Router:
@@ -356,12 +367,17 @@ class BatchedAdamW:
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
         self.steps = torch.zeros(n_adapters, dtype=torch.float64)
+        # The same counts where the parameters live, as the fused kernel reads them (a host
+        # count copied per step would be one host sync per adapter per step on a GPU).
+        device = params[0].device if params else torch.device("cpu")
+        self.step_t = torch.zeros(n_adapters, dtype=torch.float32, device=device)
 
     def reset(self, slot: int) -> None:
         for m, v in zip(self.m, self.v, strict=True):
             m[slot].zero_()
             v[slot].zero_()
         self.steps[slot] = 0
+        self.step_t[slot] = 0
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -379,7 +395,6 @@ class BatchedAdamW:
             torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float32) for g in grads
         ]
         norms = torch.linalg.vector_norm(torch.stack(per_param), dim=0)
-        device = grads[0].device
         # Clipping as a divisor of the gradients, max(1, norm / max_norm) (HF's coefficient
         # min(1, max_norm / (norm + 1e-6)) inverted), left on the device: no host sync.
         if self.max_grad_norm is not None:
@@ -389,9 +404,10 @@ class BatchedAdamW:
         slots = [int(k) for k in torch.nonzero(active.cpu()).flatten()]
         for k in slots:
             self.steps[k] += 1
+            step_t = self.step_t[k]
+            step_t.add_(1)
             # torch's fused AdamW kernel, run on adapter k's slices: one pass over the memory,
             # exactly torch.optim.AdamW's rule. grad_scale divides the gradients (clipping).
-            step_t = torch.tensor(float(self.steps[k]), device=device)
             scale = scales[k]
             torch._fused_adamw_(
                 [p.data[k] for p in self.params],

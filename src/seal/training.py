@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from seal.lora import BatchedAdamW, MultiLoRA
+from seal.lora import BatchedAdamW, MultiLoRA, to_device
 
 
 @dataclass
@@ -337,19 +337,22 @@ def train_adapters(
                     # The row's padding continues the last sequence's positions: real tokens
                     # never attend to it (causal), and it needs no mask of its own.
                     pos[r, at:] = torch.arange(pos[r, at - 1] + 1, pos[r, at - 1] + 1 + width - at)
-                ids, pos = ids.to(device), pos.to(device)
+                # Copied without a host sync (see lora.to_device): on a GPU the host goes on
+                # queueing this pass while the last one runs.
+                ids, pos = to_device(ids, device), to_device(pos, device)
+                src_t = to_device(torch.tensor(src, dtype=torch.long), device)
+                targets = to_device(torch.tensor(tgt, dtype=torch.long), device)
+                owner = to_device(torch.tensor(tok_owner, dtype=torch.long), device)
                 # The route stays set through the backward pass: checkpointed layers rerun their
                 # forward there.
                 with lora.route(slots.flatten().tolist()):
                     hidden = decoder(
                         input_ids=ids, position_ids=pos, use_cache=False
                     ).last_hidden_state
-                    h = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(src, device=device)]
-                    targets = torch.tensor(tgt, device=device)
+                    h = hidden.reshape(-1, hidden.shape[-1])[src_t]
                     # Logits only where the loss is: prompt and padding positions never pay for
                     # the vocabulary projection.
                     tok_loss = linear_cross_entropy(h, head, targets)
-                    owner = torch.tensor(tok_owner, device=device)
                     loss_sum = torch.zeros(n_jobs, device=device).index_add(0, owner, tok_loss)
                     n_tok = torch.zeros(n_jobs, device=device).index_add(
                         0, owner, torch.ones_like(tok_loss)
