@@ -1,6 +1,7 @@
 """The hand-written decode loop: same tokens as transformers' generate, rows that stop leave the
 batch without changing the others, and rows with one prompt share one prefill."""
 
+import contextlib
 import functools
 
 import torch
@@ -87,3 +88,39 @@ def test_sampling_is_reproducible_under_a_seed(tiny):
     b = generate(model, tok, _prompts(tok), params, seed=3)
     c = generate(model, tok, _prompts(tok), params, seed=4)
     assert a == b and a != c
+
+
+def test_adapters_are_cast_once_per_generate_in_bf16(tiny, monkeypatch):
+    """In a bf16 model, generation reads adapter copies cast once (`MultiLoRA.frozen`), with
+    the same tokens as casting in every forward; the copies are gone afterwards."""
+    import copy
+
+    from seal.lora import LoRASpec, MultiLoRA
+
+    tok = tiny.tokenizer
+    model = copy.deepcopy(tiny.model).to(torch.bfloat16)
+    monkeypatch.setattr(generation, "stop_token_ids", lambda _tok: [])
+    lora = MultiLoRA(model, 2, LoRASpec(r=4, alpha=8))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_(0, 0.5)
+    prompts, rows = _prompts(tok), [1, 0, 1, -1]
+    casts = []
+    real_to = torch.Tensor.to
+    adapter_weights = {id(p) for p in lora.parameters()}
+
+    def counting_to(self, *a, **kw):
+        if id(self) in adapter_weights:
+            casts.append(self.dtype)
+        return real_to(self, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    once = generate(model, tok, prompts, SamplingParams(6), rows=rows, lora=lora)
+    n_once = casts.count(torch.float32)
+    monkeypatch.setattr(MultiLoRA, "frozen", lambda self: contextlib.nullcontext())
+    casts.clear()
+    every = generate(model, tok, prompts, SamplingParams(6), rows=rows, lora=lora)
+    assert once == every
+    assert n_once == 2 * len(lora.modules) < casts.count(torch.float32)
+    assert all(m.frozen is None for _, _, m in lora.modules)

@@ -248,6 +248,41 @@ def test_packed_training_equals_unpacked(tiny):
     assert pack_rows([5, 2, 3, 1]) == [[0], [2, 1], [3]]
 
 
+def test_gpu_layout_gives_each_adapter_one_block(tiny, monkeypatch):
+    """Unpacked (the default on a GPU), each pass has one row per sequence and the padding
+    goes through its row's adapter, so every LoRA layer takes the reshape-and-bmm route
+    (no gathers); training equals the packed CPU layout."""
+    from seal import lora as lora_mod
+
+    tok = tiny.tokenizer
+    hp = TrainHP(lr=5e-3, epochs=2, batch_size=1)
+    results, contiguous = [], []
+    real_init = lora_mod._Route.__init__
+
+    def spy(self, *a, **kw):
+        real_init(self, *a, **kw)
+        contiguous.append(self.contiguous)
+
+    for gpu in (False, True):
+        if gpu:
+            monkeypatch.setattr(lora_mod, "_is_cpu", lambda _device: False)
+            monkeypatch.setattr(lora_mod._Route, "__init__", spy)
+        lora = MultiLoRA(tiny.model, 3, SPEC)
+        jobs = []
+        for slot, texts in enumerate(TEXTS):
+            lora.reset(slot, 100 + slot)
+            jobs.append(AdapterJob(slot, [text_example(tok, t, 64) for t in texts], 100 + slot, hp))
+        stats = train_adapters(tiny.model, lora, jobs, tok.pad_token_id, pack=not gpu)
+        results.append(([s.losses for s in stats], [lora.state(s) for s in range(3)]))
+        lora.remove()
+    assert contiguous and all(contiguous)
+    (la, sa), (lb, sb) = results
+    torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
+    for a, b in zip(sa, sb, strict=True):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
 def test_checkpointed_training_equals_plain(tiny):
     """Activation checkpointing recomputes each layer in the backward pass with the same
     adapter routing: same losses and adapter weights as keeping the activations; the

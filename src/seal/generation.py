@@ -144,7 +144,8 @@ def generate(
     # Longest first, so each batch pads little; equal prompts stay side by side.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     rng_ctx = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-    with rng_ctx:
+    frozen = lora.frozen() if lora is not None else contextlib.nullcontext()
+    with rng_ctx, frozen:
         if seed is not None:
             torch.manual_seed(seed)
         for start in range(0, len(order), batch_size):

@@ -282,7 +282,12 @@ def train_adapters(
             raise ValueError(f"adapter job in slot {j.slot} has no training examples")
     decoder, head = causal_lm_parts(model)
     device = next(model.parameters()).device
-    pack = supports_packing(model) if pack is None else pack
+    if pack is None:
+        # Packing saves the FLOPs of padding, which is what a CPU pass costs. A GPU pass of
+        # the inner loop's few hundred tokens is bound by the host's per-op overhead instead:
+        # there one row per sequence, rows in slot order and the padding routed with its row,
+        # lets every LoRA layer run as a reshape and two batched matmuls (see lora._Route).
+        pack = device.type == "cpu" and supports_packing(model)
     checkpoint = any(j.hp.checkpoint for j in jobs)
     plans = [batch_plan(j) for j in jobs]
     totals = [len(p) for p in plans]
@@ -335,8 +340,12 @@ def train_adapters(
                                 tok_owner.append(owners[k])
                         at += n
                     # The row's padding continues the last sequence's positions: real tokens
-                    # never attend to it (causal), and it needs no mask of its own.
+                    # never attend to it (causal), and it needs no mask of its own. Unpacked,
+                    # it goes through its row's adapter too (its output is never used), so
+                    # that each adapter's tokens form one block.
                     pos[r, at:] = torch.arange(pos[r, at - 1] + 1, pos[r, at - 1] + 1 + width - at)
+                    if not pack:
+                        slots[r, at:] = jobs[owners[members[0]]].slot
                 # Copied without a host sync (see lora.to_device): on a GPU the host goes on
                 # queueing this pass while the last one runs.
                 ids, pos = to_device(ids, device), to_device(pos, device)
