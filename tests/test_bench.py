@@ -81,3 +81,29 @@ def test_bench_keeps_figures_of_finished_modes():
 def test_bench_rejects_unknown_mode():
     with pytest.raises(ValueError, match="unknown bench mode"):
         BenchConfig(modes=("reference", "fast"))
+
+
+def test_time_limit_stops_a_mode_after_the_running_self_edit_or_group():
+    """With a time limit, each mode finishes what it is running when time is up (one
+    self-edit one at a time; the whole group in seal mode) and reports rates over that."""
+    cfg = BenchConfig(
+        model="tiny-random", n=3, modes=("sequential", "capacity1", "seal"), sample_passages=0,
+        capacity=3, time_limit=1e-9, inner_loop=InnerLoopConfig(epochs=1, max_new_tokens=4),
+    )  # fmt: skip
+    res = run_bench(cfg, log=lambda *_: None)
+    m = res["modes"]
+    assert m["sequential"]["self_edits"] == m["capacity1"]["self_edits"] == 1
+    assert m["sequential"]["stopped_at_time_limit"] and m["capacity1"]["stopped_at_time_limit"]
+    assert m["seal"]["self_edits"] == 3 and "stopped_at_time_limit" not in m["seal"]
+    assert res["speedup_vs_sequential"] > 0
+
+
+def test_gpu_preset_loads():
+    from pathlib import Path
+
+    from seal.cli import _load_config
+
+    path = Path(__file__).parent.parent / "configs" / "bench-gpu.yaml"
+    cfg = _load_config(BenchConfig, str(path), {}, ["model=tiny-random"])
+    assert cfg.modes[0] == "seal" and cfg.time_limit > 0 and cfg.n > 8
+    assert cfg.inner_loop.epochs == 10

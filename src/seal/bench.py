@@ -72,6 +72,11 @@ class BenchConfig:
     ref_pad: int = f(2048, "reference mode: pad every sequence to this many tokens")
     capacity: int = f(0, "seal mode: adapters at once (0 = from free memory)")
     sample_passages: int = f(2, "passages for the sampling-throughput figure (0 = skip)")
+    time_limit: float = f(
+        0,
+        "seconds per mode: a mode stops after the self-edit (or adapter group) running when "
+        "its time is up, and its figures are over the self-edits done (0 = no limit)",
+    )
     inner_loop: InnerLoopConfig = f(None, "inner-loop settings (defaults: the paper's)")
     device: str = f("auto", "auto, cpu or cuda")
     dtype: str = f("auto", "auto, bf16, fp16 or fp32")
@@ -275,8 +280,11 @@ def run_peft(lm, cfg: BenchConfig, jobs: list[KnowledgeJob], style: str) -> list
         ic = replace(ic, batch_size=1)
     pm = None if reference else _peft_model(lm.model, ic)
     out = []
+    start = time.time()
     try:
         for job in jobs:
+            if out and cfg.time_limit and time.time() - start >= cfg.time_limit:
+                break
             t0 = time.time()
             if reference:
                 pm = _peft_model(lm.model, ic)  # a fresh PEFT model per self-edit
@@ -379,20 +387,26 @@ def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:
             cap = 1 if mode == "capacity1" else cfg.capacity
             inner = InnerLoop(lm, replace(cfg.inner_loop, capacity=cap))
             timing = _TrainTimer()
+            results = []
             with timing.patch():
-                results = inner.run(sub)
+                for at in range(0, len(sub), inner.capacity):
+                    if results and cfg.time_limit and time.time() - t0 >= cfg.time_limit:
+                        break
+                    results += inner.run(sub[at : at + inner.capacity])
             n_adapter = inner.lora.n_params_per_adapter() if inner.lora is not None else 0
             inner.close()
             train_s = timing.seconds
         seconds = time.time() - t0
         acc = _accuracy(results, metric)
         entry = {
-            "self_edits": len(sub),
+            "self_edits": len(results),
             "seconds": round(seconds, 2),
-            "evals_per_hour": round(3600 * len(sub) / seconds, 1),
-            "seconds_per_eval": round(seconds / len(sub), 2),
+            "evals_per_hour": round(3600 * len(results) / seconds, 1),
+            "seconds_per_eval": round(seconds / len(results), 2),
             "accuracy": {"metric": metric, **acc},
         }
+        if len(results) < len(sub):
+            entry["stopped_at_time_limit"] = True
         if mode == "seal":
             entry["capacity"] = inner.capacity
             flops = training_flops(
@@ -415,6 +429,7 @@ def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:
             f"[bench] {mode:10s} {entry['evals_per_hour']:8.1f} evals/h  "
             f"{entry['seconds_per_eval']:7.2f} s/eval  {metric} "
             f"{_pct(acc['mean'])} [{_pct(acc['ci_low'])}, {_pct(acc['ci_high'])}]"
+            + (f"  (time limit: {len(results)} of {len(sub)})" if len(results) < len(sub) else "")
         )
         if on_mode is not None:
             on_mode(res)

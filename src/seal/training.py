@@ -348,7 +348,10 @@ def train_adapters(
                         slots[r, at:] = jobs[owners[members[0]]].slot
                 # Copied without a host sync (see lora.to_device): on a GPU the host goes on
                 # queueing this pass while the last one runs.
-                ids, pos = to_device(ids, device), to_device(pos, device)
+                ids = to_device(ids, device)
+                # Unpacked, every row counts 0, 1, 2, ...: the model's own default positions,
+                # which also spare it looking for packed sequences (a host sync on a GPU).
+                pos = to_device(pos, device) if pack else None
                 src_t = to_device(torch.tensor(src, dtype=torch.long), device)
                 targets = to_device(torch.tensor(tgt, dtype=torch.long), device)
                 owner = to_device(torch.tensor(tok_owner, dtype=torch.long), device)
