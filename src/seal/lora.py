@@ -141,20 +141,21 @@ class MultiLoRALinear(nn.Module):
             a, b = self._weights(x.dtype)
             y2 = _RunLoRA.apply(x2, self.base(x2), a, b, self.scaling, route.runs, route.n)
             return y2.view(*x.shape[:-1], y2.shape[-1])
-        y = self.base(x)
         if route is None or route.n_groups == 0:
-            return y
+            return self.base(x)
         a, b = self._weights(x.dtype)
         if route.slot_index is not None:
             a, b = a.index_select(0, route.slot_index), b.index_select(0, route.slot_index)
+        if route.contiguous:
+            # One block of rows per adapter: y += scaling * (x A) B, two batched matmuls
+            # written into the base output.
+            x2 = x.reshape(-1, x.shape[-1])
+            y2 = _BlockLoRA.apply(x2, self.base(x2), a, b, self.scaling)
+            return y2.view(*x.shape[:-1], y2.shape[-1])
+        y = self.base(x)
         g, m, d_in, d_out = route.n_groups, route.m, x.shape[-1], y.shape[-1]
         x3 = x.reshape(route.n, -1, d_in)  # [rows, tokens, in]
         t = x3.shape[1]
-        if route.contiguous:
-            # y + scaling * (x A) B in one fused op per group-batch; no copies.
-            y3 = y.reshape(g, m * t, d_out)
-            xa = torch.bmm(x3.reshape(g, m * t, d_in), a)
-            return torch.baddbmm(y3, xa, b, alpha=self.scaling).view(y.shape)
         # Elsewhere: pad the groups to equal size for one batched matmul.
         xg = x3.index_select(0, route.gather).view(g, m * t, d_in)
         delta = torch.bmm(torch.bmm(xg, a), b).view(g * m, t, d_out)
@@ -162,6 +163,39 @@ class MultiLoRALinear(nn.Module):
             delta = torch.cat([delta, delta.new_zeros(1, t, d_out)])
         delta = delta.index_select(0, route.scatter)
         return torch.add(y, delta.view(y.shape), alpha=self.scaling)
+
+
+class _BlockLoRA(torch.autograd.Function):
+    """y += scaling * x_g A_g B_g in place, where x ([tokens, in]) and y ([tokens, out]) are
+    K equal blocks of consecutive tokens and block g goes through adapter g (a: [K, in, r],
+    b: [K, r, out]).
+
+    One autograd node instead of the dozen views, transposes and products autograd would
+    record for `baddbmm(y, bmm(x, a), b)`: on a GPU each of those is host time per layer
+    and pass (see docs/benchmarks.md, "On a GPU")."""
+
+    @staticmethod
+    def forward(ctx, x, y, a, b, scaling):
+        k = a.shape[0]
+        x3 = x.view(k, -1, x.shape[-1])
+        xa = torch.bmm(x3, a)
+        y.view(k, -1, y.shape[-1]).baddbmm_(xa, b, alpha=scaling)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x3, xa, a, b)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x3, xa, a, b = ctx.saved_tensors
+        g3 = g.view(a.shape[0], -1, g.shape[-1])
+        gxa = torch.bmm(g3, b.transpose(1, 2)).mul_(ctx.scaling)
+        gb = torch.bmm(xa.transpose(1, 2), g3).mul_(ctx.scaling)
+        ga = torch.bmm(x3.transpose(1, 2), gxa)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.bmm(gxa, a.transpose(1, 2)).view(-1, a.shape[1])
+        return gx, g, ga, gb, None
 
 
 class _RunLoRA(torch.autograd.Function):
