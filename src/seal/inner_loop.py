@@ -47,6 +47,7 @@ class InnerLoopConfig:
     capacity: int = 0  # adapters trained at once; 0 = chosen from available memory
     answer_batch_size: int = 64
     checkpoint: bool = False  # activation checkpointing in training (see TrainHP)
+    cuda_graphs: bool = False  # on a CUDA device, replay training passes as graphs (cuda_graphs.py)
 
     def train_hp(self) -> TrainHP:
         return TrainHP(
@@ -244,7 +245,9 @@ class InnerLoop:
         if train_jobs:
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
             for tj, st in zip(
-                train_jobs, train_adapters(self.lm.model, lora, train_jobs, pad), strict=True
+                train_jobs,
+                train_adapters(self.lm.model, lora, train_jobs, pad, cuda_graphs=cfg.cuda_graphs),
+                strict=True,
             ):
                 stats[tj.slot] = st
 

@@ -450,9 +450,20 @@ class BatchedAdamW:
             p.grad = None
 
     @torch.no_grad()
+    def step_all(self, lrs: torch.Tensor) -> torch.Tensor:
+        """One update of every adapter at learning rates `lrs` ([K], on the parameters'
+        device): nothing read back to the host, so a CUDA graph can record it (see
+        cuda_graphs.py). Returns the per-adapter gradient norms before clipping."""
+        return self._update(range(self.k), lambda k: lrs[k], count_on_host=False)
+
+    @torch.no_grad()
     def step(self, active: torch.Tensor, lrs: torch.Tensor) -> torch.Tensor:
         """One update of the `active` adapters ([K] bool) at learning rates `lrs` ([K]).
         Returns the per-adapter gradient norms before clipping, on the parameters' device."""
+        slots = [int(k) for k in torch.nonzero(active.cpu()).flatten()]
+        return self._update(slots, lambda k: float(lrs[k]), count_on_host=True)
+
+    def _update(self, slots, lr_of, count_on_host: bool) -> torch.Tensor:
         grads = [p.grad for p in self.params if p.grad is not None]
         if len(grads) != len(self.params):
             raise RuntimeError("BatchedAdamW.step: some adapter parameters have no gradient")
@@ -470,9 +481,9 @@ class BatchedAdamW:
             scales = ((norms + 1e-6) / self.max_grad_norm).clamp(min=1.0)
         else:
             scales = torch.ones_like(norms)
-        slots = [int(k) for k in torch.nonzero(active.cpu()).flatten()]
         for k in slots:
-            self.steps[k] += 1
+            if count_on_host:
+                self.steps[k] += 1
             weights, m, v, step_t = self._slices[k]
             step_t.add_(1)
             # torch's fused AdamW kernel, run on adapter k's slices: one pass over the memory,
@@ -484,7 +495,7 @@ class BatchedAdamW:
                 v,
                 [],
                 [step_t] * len(weights),
-                lr=float(lrs[k]),
+                lr=lr_of(k),
                 beta1=self.b1,
                 beta2=self.b2,
                 weight_decay=self.wd,

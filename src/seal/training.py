@@ -268,6 +268,7 @@ def train_adapters(
     pad_id: int = 0,
     progress=None,
     pack: bool | None = None,
+    cuda_graphs: bool = False,
 ) -> list[TrainStats]:
     """Train each job's adapter slot; adapters are independent, as if trained one by one.
 
@@ -280,8 +281,14 @@ def train_adapters(
     for j in jobs:
         if not j.examples:
             raise ValueError(f"adapter job in slot {j.slot} has no training examples")
-    decoder, head = causal_lm_parts(model)
     device = next(model.parameters()).device
+    if cuda_graphs and device.type == "cuda":
+        # Static passes replayed as CUDA graphs (cuda_graphs.py): same results, no host cost
+        # per tensor op.
+        from seal.cuda_graphs import train_adapters_graphed
+
+        return train_adapters_graphed(model, lora, jobs, pad_id, progress)
+    decoder, head = causal_lm_parts(model)
     if pack is None:
         # Packing saves the FLOPs of padding, which is what a CPU pass costs. A GPU pass of
         # the inner loop's few hundred tokens is bound by the host's per-op overhead instead:
