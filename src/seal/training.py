@@ -5,7 +5,10 @@ passes: at global step s every adapter that still has steps contributes its own 
 pass's sequences are packed into rows as wide as its longest sequence (no 2,048-token pads; short
 sequences of different adapters share a row, kept apart by restarting position ids, and each
 token goes through its own adapter), and logits are computed only where the loss is, so the
-vocabulary projection of prompt and padding positions is never paid for.
+vocabulary projection of prompt and padding positions is never paid for. That is the CPU layout;
+on a GPU, where a pass costs host time per tensor op rather than arithmetic, each sequence has a
+row of its own, so that every adapter's tokens form one block (see `train_adapters`; CUDA graphs
+of whole passes: cuda_graphs.py).
 """
 
 from __future__ import annotations
