@@ -64,6 +64,7 @@ def test_bench_writes_every_figure(tmp_path):
     assert res["peak_rss_gb"] > 0 and res["sampling_tokens_per_s"] > 0
     assert res["modes"]["seal"]["train_gflops"] > 0
     assert res["complete"] is True
+    assert res["inner_loop"]["epochs"] == 1 and res["inner_loop"]["max_new_tokens"] == 4
 
 
 def test_bench_keeps_figures_of_finished_modes():

@@ -360,6 +360,7 @@ def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:
         "threads": torch.get_num_threads(),
         "n_self_edits": len(jobs),
         "epochs": cfg.inner_loop.epochs,
+        "inner_loop": to_dict(cfg.inner_loop),  # every setting the figures were measured with
         "modes": {},
         "complete": False,
     }
