@@ -38,6 +38,7 @@ from seal.training import (
     TrainStats,
     batch_plan,
     causal_lm_parts,
+    check_jobs,
     linear_cross_entropy,
     lr_factor,
 )
@@ -152,11 +153,7 @@ def train_adapters_graphed(
     """`training.train_adapters` with static passes, replayed as CUDA graphs when `capture`
     (default: on CUDA devices). Same contract: slots `reset` by the caller, adapters
     independent, per-job loss curves and token counts returned."""
-    if len({j.slot for j in jobs}) != len(jobs):
-        raise ValueError("two jobs share an adapter slot")
-    for j in jobs:
-        if not j.examples:
-            raise ValueError(f"adapter job in slot {j.slot} has no training examples")
+    check_jobs(jobs)
     if len({(j.hp.weight_decay, j.hp.max_grad_norm) for j in jobs}) > 1:
         raise ValueError("graphed training needs one weight decay and one max_grad_norm")
     if any(j.hp.checkpoint for j in jobs):

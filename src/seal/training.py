@@ -264,6 +264,15 @@ def checkpointed(decoder, on: bool):
             del layer.forward
 
 
+def check_jobs(jobs: list[AdapterJob]) -> None:
+    """ValueError unless every job has its own slot and some examples."""
+    if len({j.slot for j in jobs}) != len(jobs):
+        raise ValueError("two jobs share an adapter slot")
+    for j in jobs:
+        if not j.examples:
+            raise ValueError(f"adapter job in slot {j.slot} has no training examples")
+
+
 def train_adapters(
     model,
     lora: MultiLoRA,
@@ -279,11 +288,7 @@ def train_adapters(
     its next batch (packed, see `pack_rows`); every adapter's own sequence of batches, learning
     rates and optimizer steps is exactly what it would be alone. Returns per-job loss curves
     and token counts."""
-    if len({j.slot for j in jobs}) != len(jobs):
-        raise ValueError("two jobs share an adapter slot")
-    for j in jobs:
-        if not j.examples:
-            raise ValueError(f"adapter job in slot {j.slot} has no training examples")
+    check_jobs(jobs)
     device = next(model.parameters()).device
     if cuda_graphs and device.type == "cuda":
         # Static passes replayed as CUDA graphs (cuda_graphs.py): same results, no host cost
