@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from seal.lora import BatchedAdamW, MultiLoRA, to_device
+from seal.lora import BatchedAdamW, MultiLoRA
 from seal.training import (
     AdapterJob,
     TrainStats,
@@ -67,6 +67,12 @@ class _Graphs:
 
 
 _CACHE_ATTR = "_seal_cuda_graphs"
+
+
+def _fill(static: torch.Tensor, host: torch.Tensor) -> None:
+    """Write a host tensor into a pass's static tensor: one copy, queued without a host
+    sync on a GPU (from pinned memory)."""
+    static.copy_(host.pin_memory() if static.is_cuda else host, non_blocking=True)
 
 
 def _run_pass(decoder, head, lora: MultiLoRA, opt: BatchedAdamW, p: _Pass, lrs, rows: int):
@@ -194,9 +200,9 @@ def train_adapters_graphed(
                     row = job.slot * b + r
                     ids[row, :n] = torch.tensor(ex.input_ids[:n])
                     targets[row, : n - 1] = ids[row, 1:n]
-                    mask = torch.tensor(ex.loss_mask[1:n], dtype=torch.bool)
-                    weights[row, : n - 1] = mask.float()
-                    n_targets += int(mask.sum())
+                    is_target = ex.loss_mask[1:n]
+                    weights[row, : n - 1] = torch.tensor(is_target, dtype=torch.float32)
+                    n_targets += sum(is_target)
                     stats[i].input_tokens += n
                     stats[i].attention_pairs += n * (n + 1) // 2
                 stats[i].tokens += n_targets
@@ -205,10 +211,10 @@ def train_adapters_graphed(
                 warm = int(job.hp.warmup_ratio * totals[i])
                 lrs[job.slot] = job.hp.lr * lr_factor(job.hp.schedule, done[i], totals[i], warm)
             p = _prepare(model, lora, g, width, rows, capture)
-            p.ids.copy_(to_device(ids, device), non_blocking=True)
-            p.targets.copy_(to_device(targets.flatten(), device), non_blocking=True)
-            p.weights.copy_(to_device(weights.flatten(), device), non_blocking=True)
-            g.lrs.copy_(to_device(lrs, device), non_blocking=True)
+            _fill(p.ids, ids)
+            _fill(p.targets, targets.flatten())
+            _fill(p.weights, weights.flatten())
+            _fill(g.lrs, lrs)
             if p.graph is not None:
                 p.graph.replay()
                 per_slot = p.per_slot.clone()

@@ -420,9 +420,8 @@ class BatchedAdamW:
         self.eps, self.wd, self.max_grad_norm = eps, weight_decay, max_grad_norm
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
-        self.steps = torch.zeros(n_adapters, dtype=torch.float64)
-        # The same counts where the parameters live, as the fused kernel reads them (a host
-        # count copied per step would be one host sync per adapter per step on a GPU).
+        # Each adapter's step count, where the parameters live, as the fused kernel reads it
+        # (a host count copied per step would be one host sync per adapter per step on a GPU).
         device = params[0].device if params else torch.device("cpu")
         self.step_t = torch.zeros(n_adapters, dtype=torch.float32, device=device)
         # Each adapter's slices of the weights, moments and step count, made once: slicing
@@ -442,7 +441,6 @@ class BatchedAdamW:
         for m, v in zip(self.m, self.v, strict=True):
             m[slot].zero_()
             v[slot].zero_()
-        self.steps[slot] = 0
         self.step_t[slot] = 0
 
     def zero_grad(self) -> None:
@@ -454,16 +452,16 @@ class BatchedAdamW:
         """One update of every adapter at learning rates `lrs` ([K], on the parameters'
         device): nothing read back to the host, so a CUDA graph can record it (see
         cuda_graphs.py). Returns the per-adapter gradient norms before clipping."""
-        return self._update(range(self.k), lambda k: lrs[k], count_on_host=False)
+        return self._update(range(self.k), lambda k: lrs[k])
 
     @torch.no_grad()
     def step(self, active: torch.Tensor, lrs: torch.Tensor) -> torch.Tensor:
         """One update of the `active` adapters ([K] bool) at learning rates `lrs` ([K]).
         Returns the per-adapter gradient norms before clipping, on the parameters' device."""
         slots = [int(k) for k in torch.nonzero(active.cpu()).flatten()]
-        return self._update(slots, lambda k: float(lrs[k]), count_on_host=True)
+        return self._update(slots, lambda k: float(lrs[k]))
 
-    def _update(self, slots, lr_of, count_on_host: bool) -> torch.Tensor:
+    def _update(self, slots, lr_of) -> torch.Tensor:
         grads = [p.grad for p in self.params if p.grad is not None]
         if len(grads) != len(self.params):
             raise RuntimeError("BatchedAdamW.step: some adapter parameters have no gradient")
@@ -482,8 +480,6 @@ class BatchedAdamW:
         else:
             scales = torch.ones_like(norms)
         for k in slots:
-            if count_on_host:
-                self.steps[k] += 1
             weights, m, v, step_t = self._slices[k]
             step_t.add_(1)
             # torch's fused AdamW kernel, run on adapter k's slices: one pass over the memory,
