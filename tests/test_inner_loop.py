@@ -100,3 +100,32 @@ def test_checkpointed_inner_loop_gives_the_same_result(tiny, demo_eval):
     plain, ckpt = out
     torch.testing.assert_close(plain.losses, ckpt.losses, rtol=1e-5, atol=1e-6)
     assert plain.answers == ckpt.answers
+
+
+def test_jobs_with_as_many_sequences_share_a_chunk(tiny, demo_eval, monkeypatch):
+    """Chunks are cut from the jobs ordered by training sequences (so a chunk's adapters
+    finish together); results come back in job order, each as it would be alone."""
+    from seal.executors import chunks_of_similar_cost
+
+    assert chunks_of_similar_cost([3, 1, 2, 1, 3], 2) == [[1, 3], [2, 0], [4]]
+    p = demo_eval[0]
+    edits = ["1. One.", "1. One.\n2. Two.\n3. Three.", "1. One.\n2. Two."]
+    jobs = [
+        KnowledgeJob(f"j{i}", [p], training_texts(p, [e], PROMPTS["implications"]), seed=i)
+        for i, e in enumerate(edits + edits[:1])
+    ]
+    inner = InnerLoop(tiny, InnerLoopConfig(**{**CFG.__dict__, "capacity": 2}))
+    chunks = []
+    real = inner._run_chunk
+    monkeypatch.setattr(
+        inner, "_run_chunk", lambda js: chunks.append([j.key for j in js]) or real(js)
+    )
+    res = inner.run(jobs)
+    inner.close()
+    assert chunks == [["j0", "j3"], ["j2", "j1"]]
+    assert [r.key for r in res] == ["j0", "j1", "j2", "j3"]
+    alone = InnerLoop(tiny, CFG)
+    solo = alone.run(jobs[1:2])[0]
+    alone.close()
+    assert res[1].answers == solo.answers
+    torch.testing.assert_close(res[1].losses, solo.losses)

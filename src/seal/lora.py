@@ -77,12 +77,28 @@ class _Route:
                         scatter[i] = g * self.m + j
             self.gather = to_device(torch.tensor(gather, dtype=torch.long), device)
             self.scatter = to_device(torch.tensor(scatter, dtype=torch.long), device)
+        self.rows, self.n_adapters, self.device = rows, n_adapters, device
+        self._masks: dict = {}
         # The adapter weights used, one per group (None: all K in slot order).
         self.slot_index = (
             None
             if list(groups) == list(range(n_adapters)) or self.runs is not None
             else to_device(torch.tensor(list(groups), dtype=torch.long), device)
         )
+
+    def token_mask(self, n_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+        """[tokens, K, 1]: 1 at each token's own adapter, 0 elsewhere (base rows: all 0);
+        made once per route, then shared by every layer."""
+        key = (n_tokens, dtype)
+        if key not in self._masks:
+            t = n_tokens // self.n
+            mask = torch.zeros(self.n, self.n_adapters, dtype=dtype)
+            for i, s in enumerate(self.rows):
+                if s >= 0:
+                    mask[i, s] = 1
+            mask = mask.repeat_interleave(t, dim=0) if t > 1 else mask
+            self._masks[key] = to_device(mask.unsqueeze(-1), self.device)
+        return self._masks[key]
 
 
 def init_lora_a(d_in: int, r: int, gen: torch.Generator) -> torch.Tensor:
@@ -91,6 +107,11 @@ def init_lora_a(d_in: int, r: int, gen: torch.Generator) -> torch.Tensor:
     so PEFT adapters initialised with the same draws start equal (see bench.py)."""
     bound = 1.0 / math.sqrt(d_in)
     return torch.rand(d_in, r, generator=gen) * (2 * bound) - bound
+
+
+# The read-only route takes every slot's low-rank term at once (`MultiLoRALinear.forward`)
+# while tokens x slots stays under this: decode steps, not prefills or training passes.
+DENSE_MAX = 2048
 
 
 def _is_cpu(device) -> bool:
@@ -125,15 +146,35 @@ class MultiLoRALinear(nn.Module):
         self.__dict__["router"] = router  # shared, not a submodule
         self.lora_A = nn.Parameter(torch.zeros(n_adapters, base.in_features, r))
         self.lora_B = nn.Parameter(torch.zeros(n_adapters, r, base.out_features))
-        self.frozen: tuple[torch.Tensor, torch.Tensor] | None = None  # see MultiLoRA.frozen
+        # (A, B, A of every slot side by side [in, K r]) cast once, see MultiLoRA.frozen
+        self.frozen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self.frozen is not None and self.frozen[0].dtype == dtype:
-            return self.frozen
+            return self.frozen[0], self.frozen[1]
         return self.lora_A.to(dtype), self.lora_B.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = self.router.route
+        if (
+            route is not None
+            and route.n_groups
+            and not route.contiguous
+            and self.frozen is not None
+            and self.frozen[0].dtype == x.dtype
+            and x.numel() // x.shape[-1] * self.lora_A.shape[0] <= DENSE_MAX
+        ):
+            # A few tokens (a decode step) through read-only adapters: every slot at once,
+            # y += scaling * mask(x [A_1 .. A_K]) [B_1; ..; B_K], where the mask keeps each
+            # token's own adapter's r columns. Three tensor ops instead of two per run; the
+            # extra arithmetic (K times the low-rank term's) is small next to the base layer.
+            _, b, a_cat = self.frozen
+            x2 = x.reshape(-1, x.shape[-1])
+            n = x2.shape[0]
+            xa = torch.mm(x2, a_cat).view(n, b.shape[0], b.shape[1])
+            xa.mul_(route.token_mask(n, x.dtype))
+            y2 = self.base(x2).addmm_(xa.view(n, -1), b.view(-1, b.shape[-1]), alpha=self.scaling)
+            return y2.view(*x.shape[:-1], y2.shape[-1])
         if route is not None and route.runs is not None:
             # CPU runs: the base output (a fresh [tokens, out] matrix, not a view) takes each
             # run's low-rank term in place.
@@ -205,51 +246,71 @@ class _RunLoRA(torch.autograd.Function):
     Written as one autograd function so that no adapter weight is ever gathered or copied
     per row, the base output is not copied, and the backward accumulates each run's weight
     gradient in place (indexing the stacked weights under autograd would allocate a
-    full-size zero gradient per run)."""
+    full-size zero gradient per run). A run costs two small matmuls forward and four
+    backward: its slices are taken once per tensor (`split`, `unbind`), and the scaling is
+    applied once per layer, not per run."""
 
     @staticmethod
     def forward(ctx, x, y, a, b, scaling, runs, n_rows):
         t = x.shape[0] // n_rows
-        xa = x.new_empty(x.shape[0], a.shape[-1])
+        # The tokens cut into pieces: each run, and the gaps (base rows) between them.
+        sizes, owner, at = [], [], 0
         for s, e, k in runs:
-            rs = slice(s * t, e * t)
-            torch.mm(x[rs], a[k], out=xa[rs])
-            y[rs].addmm_(xa[rs], b[k], alpha=scaling)
+            if s * t > at:
+                sizes.append(s * t - at)
+                owner.append(-1)
+            sizes.append((e - s) * t)
+            owner.append(k)
+            at = e * t
+        if x.shape[0] > at:
+            sizes.append(x.shape[0] - at)
+            owner.append(-1)
+        xa = x.new_empty(x.shape[0], a.shape[-1])
+        xs, xas, ys = x.split(sizes), xa.split(sizes), y.split(sizes)
+        a_k, b_k = a.unbind(0), b.unbind(0)
+        for j, k in enumerate(owner):
+            if k >= 0:
+                torch.mm(xs[j], a_k[k], out=xas[j])
+                ys[j].addmm_(xas[j], b_k[k], alpha=scaling)
         ctx.mark_dirty(y)
         ctx.save_for_backward(x, xa, a, b)
-        ctx.scaling, ctx.runs, ctx.t = scaling, runs, t
+        ctx.scaling, ctx.sizes, ctx.owner = scaling, sizes, owner
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, xa, a, b = ctx.saved_tensors
-        t = ctx.t
-        # Written once per slot or row, so allocated uninitialised; only what no run writes
-        # (base rows, unused slots) is zeroed.
+        sizes, owner, scaling = ctx.sizes, ctx.owner, ctx.scaling
+        gs, xs, xas = g.split(sizes), x.split(sizes), xa.split(sizes)
+        bt_k = (b * scaling).transpose(1, 2).unbind(0)
+        at_k = a.transpose(1, 2).unbind(0)
         gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        gxs = gx.split(sizes) if gx is not None else None
+        # Written once per slot or piece, so allocated uninitialised; only what no run
+        # writes (base rows, unused slots) is zeroed.
         ga, gb = torch.empty_like(a), torch.empty_like(b)
+        ga_k, gb_k = ga.unbind(0), gb.unbind(0)
         seen: set[int] = set()
-        covered = 0
-        for s, e, k in ctx.runs:
-            rs = slice(s * t, e * t)
-            gxa = torch.mm(g[rs], b[k].t()).mul_(ctx.scaling)
+        for j, k in enumerate(owner):
+            if k < 0:
+                if gxs is not None:
+                    gxs[j].zero_()
+                continue
+            gxa = torch.mm(gs[j], bt_k[k])  # d loss / d(x A), scaling included
             if k in seen:
-                gb[k].addmm_(xa[rs].t(), g[rs], alpha=ctx.scaling)
-                ga[k].addmm_(x[rs].t(), gxa)
+                gb_k[k].addmm_(xas[j].t(), gs[j])
+                ga_k[k].addmm_(xs[j].t(), gxa)
             else:
-                torch.mm(xa[rs].t(), g[rs], out=gb[k]).mul_(ctx.scaling)
-                torch.mm(x[rs].t(), gxa, out=ga[k])
+                torch.mm(xas[j].t(), gs[j], out=gb_k[k])
+                torch.mm(xs[j].t(), gxa, out=ga_k[k])
                 seen.add(k)
-            if gx is not None:
-                gx[covered : s * t].zero_()
-                torch.mm(gxa, a[k].t(), out=gx[rs])
-                covered = e * t
-        if gx is not None:
-            gx[covered:].zero_()
+            if gxs is not None:
+                torch.mm(gxa, at_k[k], out=gxs[j])
+        gb.mul_(scaling)
         for k in range(a.shape[0]):
             if k not in seen:
-                ga[k].zero_()
-                gb[k].zero_()
+                ga_k[k].zero_()
+                gb_k[k].zero_()
         return gx, g, ga, gb, None, None, None
 
 
@@ -335,7 +396,9 @@ class MultiLoRA:
         with torch.no_grad():
             for _, _, m in self.modules:
                 dtype = m.base.weight.dtype
-                m.frozen = (m.lora_A.to(dtype), m.lora_B.to(dtype))
+                a = m.lora_A.to(dtype)
+                a_cat = a.permute(1, 0, 2).reshape(a.shape[1], -1)  # [in, K r]
+                m.frozen = (a, m.lora_B.to(dtype).contiguous(), a_cat)
         try:
             yield
         finally:
@@ -466,13 +529,15 @@ class BatchedAdamW:
         if len(grads) != len(self.params):
             raise RuntimeError("BatchedAdamW.step: some adapter parameters have no gradient")
         # Every adapter's gradient slices (one view op per tensor), and per-adapter global
-        # gradient norms from them in one multi-tensor norm.
+        # gradient norms: on a GPU one multi-tensor norm over the slices (one launch); on a
+        # CPU, where that is a loop over K x tensors, one norm over dims 1.. per tensor.
         per_slot = [g.unbind(0) for g in grads]
-        flat = [gk for g in per_slot for gk in g]
-        norms = torch.linalg.vector_norm(
-            torch.stack(torch._foreach_norm(flat, 2, dtype=torch.float32)).view(len(grads), -1),
-            dim=0,
-        )
+        if grads and grads[0].device.type == "cpu":
+            parts = [torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads]
+        else:
+            flat = [gk for g in per_slot for gk in g]
+            parts = torch._foreach_norm(flat, 2, dtype=torch.float32)
+        norms = torch.linalg.vector_norm(torch.stack(parts).view(len(grads), -1), dim=0)
         # Clipping as a divisor of the gradients, max(1, norm / max_norm) (HF's coefficient
         # min(1, max_norm / (norm + 1e-6)) inverted), left on the device: no host sync.
         if self.max_grad_norm is not None:

@@ -185,10 +185,20 @@ def pad_right(seqs: list[tuple[list[int], list[bool]]], pad_id: int, device):
     return ids.to(device), mask.to(device)
 
 
-def pack_rows(lengths: list[int]) -> list[list[int]]:
-    """Sequences (by length) packed into rows as wide as the longest one, first-fit
-    decreasing: short sequences share a row instead of each being padded to the longest."""
-    width = max(lengths)
+# Packed rows are at least this wide. Rows only as wide as the longest sequence leave much of
+# them padding when lengths vary (8 demo self-edits' sequences of 20 to 42 tokens filled 220
+# of 336 places); wider rows waste less, but a row's attention is computed over its whole
+# width (the mask keeps sequences apart), so very wide rows pay that instead. On 2 CPU
+# cores, 4 passes of those 8 sequences: 5.4-5.8 s in rows as wide as the longest, 4.8-5.0 s
+# in 128 ... 256-token rows, 4.6-4.9 s in one row (docs/benchmarks.md).
+PACK_WIDTH = 256
+
+
+def pack_rows(lengths: list[int], width: int | None = None) -> list[list[int]]:
+    """Sequences (by length) packed into rows `width` wide (default: the longest sequence or
+    PACK_WIDTH, whichever is more), first-fit decreasing: short sequences share a row
+    instead of each being padded to the longest."""
+    width = max(max(lengths), PACK_WIDTH if width is None else width)
     rows: list[list[int]] = []
     room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
@@ -322,7 +332,7 @@ def train_adapters(
         with checkpointed(decoder, checkpoint):
             while True:
                 # Every adapter with steps left takes its next step in this pass; its sequences
-                # are packed with the others' into rows as wide as the longest (see pack_rows).
+                # are packed with the others' into shared rows (see pack_rows).
                 active = [i for i in range(n_jobs) if done[i] < totals[i]]
                 if not active:
                     break
@@ -334,7 +344,7 @@ def train_adapters(
                         owners.append(i)
                 lengths = [len(ids) for ids, _ in seqs]
                 layout = pack_rows(lengths) if pack else [[k] for k in range(len(seqs))]
-                width = max(lengths)
+                width = max(sum(lengths[k] for k in members) for members in layout)
                 ids = torch.full((len(layout), width), pad_id, dtype=torch.long)
                 pos = torch.zeros((len(layout), width), dtype=torch.long)
                 slots = torch.full((len(layout), width), -1, dtype=torch.long)

@@ -19,7 +19,10 @@ class Job:
     """One inner loop to run: apply `completion` (a self-edit) for context `ctx_id`.
 
     `key` names the job uniquely within a phase (it is how resume finds finished work);
-    `payload` is whatever the domain's runner needs, and must be plain data."""
+    `payload` is whatever the domain's runner needs, and must be plain data. `cost` estimates
+    its training work (knowledge: its training sequences): executors batch jobs of similar
+    cost together, so that the adapters sharing passes finish together (see
+    executors.chunks_by_position)."""
 
     key: str
     ctx_id: str
@@ -27,6 +30,7 @@ class Job:
     repeat: int
     seed: int
     payload: Any = None
+    cost: float = 0.0
 
 
 @dataclass

@@ -442,7 +442,8 @@ class KnowledgeDomain:
         texts = training_texts(
             ctx, [completion] if completion else [], self.variant, self.inner_cfg.include_passage
         )
-        return Job(key, ctx.id, sample, repeat, seed, payload={"passage": ctx, "texts": texts})
+        payload = {"passage": ctx, "texts": texts}
+        return Job(key, ctx.id, sample, repeat, seed, payload=payload, cost=len(texts))
 
     def make_runner(self, lm):
         return KnowledgeRunner(lm, self.inner_cfg, self.judge)
