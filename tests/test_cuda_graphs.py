@@ -80,3 +80,40 @@ def test_cuda_graphs_flag_is_ignored_off_cuda(tiny):
     b, sb = _run(tiny, lambda *x: train_adapters(*x, cuda_graphs=True), hp, [0, 1, 2])
     b.remove()
     assert [s.losses for s in sa] == [s.losses for s in sb]
+
+
+def test_failed_capture_falls_back_to_eager_passes(tiny):
+    """A pass that cannot be captured (here: no CUDA at all) warns once and trains eagerly,
+    with the results of the default trainer and nothing left of the failed attempt."""
+    hp = TrainHP(lr=5e-3, epochs=2, batch_size=1)
+    ref, ref_stats = _run(tiny, train_adapters, hp, [0, 1, 2])
+    ref_states = [ref.state(s) for s in range(3)]
+    ref.remove()
+
+    def graphed(*a):
+        return train_adapters_graphed(*a, bucket=16, capture=True)
+
+    with pytest.warns(UserWarning, match="capture of a training pass failed") as caught:
+        lora, stats = _run(tiny, graphed, hp, [0, 1, 2])
+    try:
+        assert len([w for w in caught if "capture" in str(w.message)]) == 1
+        for a, b in zip(ref_stats, stats, strict=True):
+            torch.testing.assert_close(a.losses, b.losses, rtol=1e-4, atol=1e-5)
+        for s in range(3):
+            for k, v in lora.state(s).items():
+                torch.testing.assert_close(v, ref_states[s][k], rtol=1e-4, atol=1e-5)
+    finally:
+        lora.remove()
+
+
+def test_why_not_graphed_names_what_static_passes_cannot_do():
+    """What `train_adapters(..., cuda_graphs=True)` checks before it takes the graphed path
+    (jobs that need checkpointing train eagerly instead)."""
+    from dataclasses import replace
+
+    from seal.cuda_graphs import why_not_graphed
+
+    hp = replace(TrainHP(lr=5e-3, epochs=1), checkpoint=True)
+    jobs = [AdapterJob(0, [], 0, hp)]
+    assert "checkpoint" in why_not_graphed(jobs)
+    assert why_not_graphed([AdapterJob(0, [], 0, TrainHP())]) is None

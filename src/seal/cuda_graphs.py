@@ -1,4 +1,4 @@
-"""Training passes replayed as CUDA graphs (opt-in: `inner_loop.cuda_graphs: true`).
+"""Training passes replayed as CUDA graphs (`inner_loop.cuda_graphs`, on by default on CUDA).
 
 On a GPU, a pass of the inner loop is bound by the host, not the arithmetic: ~10k tensor ops,
 each some microseconds of Python and dispatch, against well under a millisecond of GPU work for
@@ -28,6 +28,7 @@ CUDA devices only.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +65,7 @@ class _Graphs:
     lrs: torch.Tensor  # [K] learning rates of the next replay
     passes: dict[int, _Pass] = field(default_factory=dict)
     pool: object = None
+    eager: bool = False  # capture failed once: every pass runs eagerly
 
 
 _CACHE_ATTR = "_seal_cuda_graphs"
@@ -112,24 +114,40 @@ def _prepare(model, lora: MultiLoRA, g: _Graphs, width: int, rows: int, capture:
         targets=torch.zeros(rows * width, dtype=torch.long, device=device),
         weights=torch.zeros(rows * width, dtype=torch.float32, device=device),
     )
-    if capture:
-        decoder, head = causal_lm_parts(model)
+    if capture and not g.eager:
         saved = _state(lora, g.opt)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(3):  # warm-up: cuBLAS workspaces, autograd's lazy state
-                _run_pass(decoder, head, lora, g.opt, p, g.lrs, rows)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        g.opt.zero_grad()
-        with torch.cuda.graph(graph, pool=g.pool):
-            p.per_slot = _run_pass(decoder, head, lora, g.opt, p, g.lrs, rows)
-        g.pool = graph.pool()
-        p.graph = graph
-        _restore(lora, g.opt, saved)
+        try:
+            _capture(model, lora, g, p, rows, device)
+        except Exception as e:  # a model whose pass cannot be captured: run it eagerly
+            p.graph, p.per_slot = None, None
+            g.eager = True
+            g.opt.zero_grad()
+            warnings.warn(
+                f"CUDA graph capture of a training pass failed ({type(e).__name__}: {e}); "
+                "this model's passes run eagerly (same results, slower). Set "
+                "inner_loop.cuda_graphs: false to skip the attempt.",
+                stacklevel=3,
+            )
+        finally:
+            _restore(lora, g.opt, saved)
     g.passes[width] = p
     return p
+
+
+def _capture(model, lora: MultiLoRA, g: _Graphs, p: _Pass, rows: int, device) -> None:
+    decoder, head = causal_lm_parts(model)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up: cuBLAS workspaces, autograd's lazy state
+            _run_pass(decoder, head, lora, g.opt, p, g.lrs, rows)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    g.opt.zero_grad()
+    with torch.cuda.graph(graph, pool=g.pool):
+        p.per_slot = _run_pass(decoder, head, lora, g.opt, p, g.lrs, rows)
+    g.pool = graph.pool()
+    p.graph = graph
 
 
 def _graphs_for(lora: MultiLoRA, jobs: list[AdapterJob], rows: int, device) -> _Graphs:
@@ -147,6 +165,15 @@ def _graphs_for(lora: MultiLoRA, jobs: list[AdapterJob], rows: int, device) -> _
     return g
 
 
+def why_not_graphed(jobs: list[AdapterJob]) -> str | None:
+    """Why these jobs cannot train in static passes, or None if they can."""
+    if len({(j.hp.weight_decay, j.hp.max_grad_norm) for j in jobs}) > 1:
+        return "graphed training needs one weight decay and one max_grad_norm"
+    if any(j.hp.checkpoint for j in jobs):
+        return "graphed training does not checkpoint activations; set checkpoint off"
+    return None
+
+
 def train_adapters_graphed(
     model,
     lora: MultiLoRA,
@@ -160,10 +187,8 @@ def train_adapters_graphed(
     (default: on CUDA devices). Same contract: slots `reset` by the caller, adapters
     independent, per-job loss curves and token counts returned."""
     check_jobs(jobs)
-    if len({(j.hp.weight_decay, j.hp.max_grad_norm) for j in jobs}) > 1:
-        raise ValueError("graphed training needs one weight decay and one max_grad_norm")
-    if any(j.hp.checkpoint for j in jobs):
-        raise ValueError("graphed training does not checkpoint activations; set checkpoint off")
+    if reason := why_not_graphed(jobs):
+        raise ValueError(reason)
     device = next(model.parameters()).device
     capture = device.type == "cuda" if capture is None else capture
     decoder, head = causal_lm_parts(model)

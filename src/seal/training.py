@@ -302,10 +302,12 @@ def train_adapters(
     device = next(model.parameters()).device
     if cuda_graphs and device.type == "cuda":
         # Static passes replayed as CUDA graphs (cuda_graphs.py): same results, no host cost
-        # per tensor op.
-        from seal.cuda_graphs import train_adapters_graphed
+        # per tensor op. Jobs that need what static passes cannot do (activation
+        # checkpointing, mixed weight decays) train eagerly below.
+        from seal.cuda_graphs import train_adapters_graphed, why_not_graphed
 
-        return train_adapters_graphed(model, lora, jobs, pad_id, progress)
+        if why_not_graphed(jobs) is None:
+            return train_adapters_graphed(model, lora, jobs, pad_id, progress)
     decoder, head = causal_lm_parts(model)
     if pack is None:
         # Packing saves the FLOPs of padding, which is what a CPU pass costs. A GPU pass of
