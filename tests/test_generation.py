@@ -124,3 +124,30 @@ def test_adapters_are_cast_once_per_generate_in_bf16(tiny, monkeypatch):
     assert once == every
     assert n_once == 2 * len(lora.modules) < casts.count(torch.float32)
     assert all(m.frozen is None for _, _, m in lora.modules)
+
+
+def test_prefill_gives_the_vocabulary_projection_a_contiguous_input(tiny):
+    """`logits_to_keep=1` hands the head a non-contiguous [rows, 1, d] view, which torch
+    multiplies as a batched matmul over the broadcast head (seconds in bf16 on a CPU):
+    within `contiguous_head_input` the head sees a contiguous tensor, same logits."""
+    from seal.generation import contiguous_head_input
+
+    model = tiny.model
+    seen = []
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    outs = []
+    for wrapped in (False, True):
+        seen.clear()
+        ctx = contiguous_head_input(model) if wrapped else contextlib.nullcontext()
+        with ctx, torch.no_grad():
+            # Registered inside the block: runs after the block's own pre-hook.
+            h = model.get_output_embeddings().register_forward_pre_hook(
+                lambda _m, args: seen.append(args[0].is_contiguous())
+            )
+            try:
+                outs.append(model(input_ids=ids, logits_to_keep=1).logits)
+            finally:
+                h.remove()
+        assert seen == [wrapped]
+    torch.testing.assert_close(outs[0], outs[1])
+    assert not model.get_output_embeddings()._forward_pre_hooks

@@ -133,15 +133,23 @@ def _per_row_reference(layer, x, rows):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("cpu_runs", [True, False])
-def test_every_route_shape_equals_per_row_reference(cpu_runs, monkeypatch):
+@pytest.mark.parametrize("path", ["cpu_runs", "cpu_dense", "gpu"])
+def test_every_route_shape_equals_per_row_reference(path, monkeypatch):
     """Identity, grouped and contiguous, unequal groups, unordered rows, base rows, a subset
-    of the slots: outputs and gradients (x, A, B) equal the row-by-row definition, both with
-    runs of rows (CPU) and with groups padded to equal size (GPU)."""
+    of the slots: outputs and gradients (x, A, B) equal the row-by-row definition, with runs
+    of rows (CPU), every slot at once under a mask (CPU in bf16: `_DenseLoRA`, here forced
+    for fp32) and with groups padded to equal size (GPU)."""
     from seal import lora as lora_mod
     from seal.lora import MultiLoRALinear, _Router
 
-    monkeypatch.setattr(lora_mod, "_is_cpu", lambda _device: cpu_runs)
+    monkeypatch.setattr(lora_mod, "_is_cpu", lambda _device: path != "gpu")
+    if path == "cpu_dense":
+        monkeypatch.setattr(lora_mod, "_SLOW_SMALL_MATMUL", (torch.float32,))
+
+        def not_runs(*_args):
+            raise AssertionError("runs taken instead of the dense route")
+
+        monkeypatch.setattr(lora_mod._RunLoRA, "apply", not_runs)
 
     torch.manual_seed(0)
     router = _Router()
@@ -280,6 +288,49 @@ def test_packed_training_equals_unpacked(tiny, monkeypatch):
     assert pack_rows([5, 2, 3, 1], width=1) == [[0], [2, 1], [3]]  # as wide as the longest
     assert pack_rows([5, 2, 3, 1], width=6) == [[0, 3], [2, 1]]
     assert pack_rows([5, 2, 3, 1]) == [[0, 2, 1, 3]]  # PACK_WIDTH
+
+
+def test_bf16_cpu_training_takes_the_dense_route_and_trains_as_runs(tiny, monkeypatch):
+    """In bf16 on a CPU, packed passes train every slot at once (`_DenseLoRA`): the losses
+    and adapter weights of the run-by-run route, to bf16 rounding."""
+    import copy
+
+    from seal import lora as lora_mod
+
+    model = copy.deepcopy(tiny.model).to(torch.bfloat16)
+    tok = tiny.tokenizer
+    hp = TrainHP(lr=5e-3, epochs=2, batch_size=1)
+    calls = {"dense": 0}
+    dense_apply = lora_mod._DenseLoRA.apply
+
+    def counted(*args):
+        calls["dense"] += 1
+        return dense_apply(*args)
+
+    results = []
+    for dense in (True, False):
+        with monkeypatch.context() as m:
+            m.setattr(lora_mod._DenseLoRA, "apply", counted)
+            if not dense:
+                m.setattr(lora_mod, "_SLOW_SMALL_MATMUL", ())
+            lora = MultiLoRA(model, 3, SPEC)
+            jobs = []
+            for slot, texts in enumerate(TEXTS):
+                lora.reset(slot, 100 + slot)
+                examples = [text_example(tok, t, 64) for t in texts]
+                jobs.append(AdapterJob(slot, examples, 100 + slot, hp))
+            stats = train_adapters(model, lora, jobs, tok.pad_token_id, pack=True)
+            results.append(([s.losses for s in stats], [lora.state(s) for s in range(3)]))
+            lora.remove()
+        if dense:
+            assert calls["dense"] > 0
+            calls["dense"] = 0
+    assert calls["dense"] == 0
+    (la, sa), (lb, sb) = results
+    torch.testing.assert_close(la, lb, rtol=2e-2, atol=2e-2)
+    for a, b in zip(sa, sb, strict=True):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=5e-2, atol=5e-3)
 
 
 def test_gpu_layout_gives_each_adapter_one_block(tiny, monkeypatch):

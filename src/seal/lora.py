@@ -112,6 +112,10 @@ def init_lora_a(d_in: int, r: int, gen: torch.Generator) -> torch.Tensor:
 # The read-only route takes every slot's low-rank term at once (`MultiLoRALinear.forward`)
 # while tokens x slots stays under this: decode steps, not prefills or training passes.
 DENSE_MAX = 2048
+# CPU training in these dtypes takes every slot at once (_DenseLoRA) while K r stays under
+# this: their small matmuls cost a fixed ~30 us each on a CPU (docs/benchmarks.md).
+_SLOW_SMALL_MATMUL = (torch.bfloat16, torch.float16)
+DENSE_TRAIN_MAX_RANK = 512
 
 
 def _is_cpu(device) -> bool:
@@ -175,6 +179,22 @@ class MultiLoRALinear(nn.Module):
             xa.mul_(route.token_mask(n, x.dtype))
             y2 = self.base(x2).addmm_(xa.view(n, -1), b.view(-1, b.shape[-1]), alpha=self.scaling)
             return y2.view(*x.shape[:-1], y2.shape[-1])
+        if (
+            route is not None
+            and route.runs is not None
+            and x.dtype in _SLOW_SMALL_MATMUL
+            and self.lora_A.shape[0] * self.r <= DENSE_TRAIN_MAX_RANK
+        ):
+            # CPU, bf16/fp16 training: every slot at once, as on the read-only route above,
+            # but under autograd (see _DenseLoRA).
+            x2 = x.reshape(-1, x.shape[-1])
+            n, k = x2.shape[0], self.lora_A.shape[0]
+            a = self.lora_A.to(x.dtype)
+            a_cat = a.permute(1, 0, 2).reshape(a.shape[1], k * self.r)
+            b_cat = self.lora_B.to(x.dtype).view(k * self.r, -1)
+            mask = route.token_mask(n, x.dtype)
+            y2 = _DenseLoRA.apply(x2, self.base(x2), a_cat, b_cat, mask, self.scaling)
+            return y2.view(*x.shape[:-1], y2.shape[-1])
         if route is not None and route.runs is not None:
             # CPU runs: the base output (a fresh [tokens, out] matrix, not a view) takes each
             # run's low-rank term in place.
@@ -237,6 +257,41 @@ class _BlockLoRA(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = torch.bmm(gxa, a.transpose(1, 2)).view(-1, a.shape[1])
         return gx, g, ga, gb, None
+
+
+class _DenseLoRA(torch.autograd.Function):
+    """y += scaling * mask(x A_cat) B_cat in place, where A_cat = [A_1 .. A_K] ([in, K r]),
+    B_cat = [B_1; ..; B_K] ([K r, out]) and mask ([tokens, K, 1]) keeps each token's own
+    adapter's r columns (all zero for base tokens).
+
+    On a CPU in bf16, each small matmul of a run (`_RunLoRA`: two forward, four backward per
+    run) costs ~30 us whatever its size, ~40% of a SmolLM2 training pass of 8 adapters;
+    here a layer is two matmuls forward and four backward for all adapters at once, K times
+    the low-rank arithmetic in larger, efficient matmuls. Exact: masked columns contribute
+    zeros and receive zero gradients."""
+
+    @staticmethod
+    def forward(ctx, x, y, a_cat, b_cat, mask, scaling):
+        n, k = x.shape[0], mask.shape[1]
+        xa = torch.mm(x, a_cat)
+        xa.view(n, k, -1).mul_(mask)
+        y.addmm_(xa, b_cat, alpha=scaling)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x, xa, a_cat, b_cat, mask)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, xa, a_cat, b_cat, mask = ctx.saved_tensors
+        n, k = x.shape[0], mask.shape[1]
+        gxa = torch.mm(g, b_cat.t())
+        gxa.view(n, k, -1).mul_(mask)
+        gxa.mul_(ctx.scaling)  # d loss / d(x A_cat), scaling included
+        gx = torch.mm(gxa, a_cat.t()) if ctx.needs_input_grad[0] else None
+        ga = torch.mm(x.t(), gxa)
+        gb = torch.mm(xa.t(), g).mul_(ctx.scaling)
+        return gx, g, ga, gb, None, None
 
 
 class _RunLoRA(torch.autograd.Function):
