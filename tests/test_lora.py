@@ -133,6 +133,22 @@ def _per_row_reference(layer, x, rows):
     return torch.stack(out)
 
 
+def _random_layer():
+    """One MultiLoRALinear (8 -> 12, 4 slots, r 4) with random adapters, and a MultiLoRA
+    wired to it (only route() and frozen() are used)."""
+    from seal.lora import MultiLoRALinear, _Router
+
+    torch.manual_seed(0)
+    router = _Router()
+    layer = MultiLoRALinear(torch.nn.Linear(8, 12), 4, r=4, alpha=8.0, router=router)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    lora = MultiLoRA.__new__(MultiLoRA)
+    lora.router, lora.k, lora.modules = router, 4, [(None, "", layer)]
+    return layer, lora
+
+
 @pytest.mark.parametrize("path", ["cpu_runs", "cpu_dense", "gpu"])
 def test_every_route_shape_equals_per_row_reference(path, monkeypatch):
     """Identity, grouped and contiguous, unequal groups, unordered rows, base rows, a subset
@@ -140,7 +156,6 @@ def test_every_route_shape_equals_per_row_reference(path, monkeypatch):
     of rows (CPU), every slot at once under a mask (CPU in bf16: `_DenseLoRA`, here forced
     for fp32) and with groups padded to equal size (GPU)."""
     from seal import lora as lora_mod
-    from seal.lora import MultiLoRALinear, _Router
 
     monkeypatch.setattr(lora_mod, "_is_cpu", lambda _device: path != "gpu")
     if path == "cpu_dense":
@@ -151,12 +166,7 @@ def test_every_route_shape_equals_per_row_reference(path, monkeypatch):
 
         monkeypatch.setattr(lora_mod._RunLoRA, "apply", not_runs)
 
-    torch.manual_seed(0)
-    router = _Router()
-    layer = MultiLoRALinear(torch.nn.Linear(8, 12), 4, r=4, alpha=8.0, router=router)
-    with torch.no_grad():
-        layer.lora_A.normal_()
-        layer.lora_B.normal_()
+    layer, lora = _random_layer()
     cases = [
         [0, 1, 2, 3],  # identity
         [1, 1, 3, 3],  # contiguous equal groups over a subset of the slots
@@ -169,8 +179,6 @@ def test_every_route_shape_equals_per_row_reference(path, monkeypatch):
     ]
     for rows in cases:
         x = torch.randn(len(rows), 7, 8, requires_grad=True)
-        lora = MultiLoRA.__new__(MultiLoRA)  # only route() is needed: wire it to this layer
-        lora.router, lora.k, lora.modules = router, 4, [(None, "", layer)]
         with lora.route(rows):
             got = layer(x)
         want_x = x.detach().clone().requires_grad_(True)
@@ -192,19 +200,11 @@ def test_read_only_route_equals_per_row_reference(tokens, monkeypatch):
     """Generation's route (adapters frozen, few tokens): every slot's low-rank term at once,
     masked to each row's own adapter, equals the row-by-row definition."""
     from seal import lora as lora_mod
-    from seal.lora import MultiLoRALinear, _Router
 
     def other_route(*_args):
         raise AssertionError("not the read-only route")
 
-    torch.manual_seed(0)
-    router = _Router()
-    layer = MultiLoRALinear(torch.nn.Linear(8, 12), 4, r=4, alpha=8.0, router=router)
-    with torch.no_grad():
-        layer.lora_A.normal_()
-        layer.lora_B.normal_()
-    lora = MultiLoRA.__new__(MultiLoRA)
-    lora.router, lora.k, lora.modules = router, 4, [(None, "", layer)]
+    layer, lora = _random_layer()
     for rows in ([2, 0, 2, 0, 2], [3, -1, 3, 1, -1], [1, 1, 0, 3]):
         x = torch.randn(len(rows), tokens, 8)
         with lora.frozen(), lora.route(rows), torch.no_grad(), monkeypatch.context() as m:
