@@ -333,6 +333,41 @@ def test_bf16_cpu_training_takes_the_dense_route_and_trains_as_runs(tiny, monkey
             torch.testing.assert_close(a[k], b[k], rtol=5e-2, atol=5e-3)
 
 
+def test_bf16_cpu_prefill_through_the_dense_route_equals_runs(tiny, monkeypatch):
+    """A bf16 prefill too long for the read-only route takes the dense one, with the copies
+    cast for generation: the logits of the run-by-run route, to bf16 rounding."""
+    import copy
+
+    from seal import lora as lora_mod
+
+    model = copy.deepcopy(tiny.model).to(torch.bfloat16)
+    lora = MultiLoRA(model, 3, SPEC)
+    try:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for _, _, m in lora.modules:
+                m.lora_A.normal_(std=0.1)
+                m.lora_B.normal_(std=0.1)
+        ids = torch.randint(5, 200, (3, 6))
+        monkeypatch.setattr(lora_mod, "DENSE_MAX", 0)  # not the few-token route
+        logits = []
+
+        def not_runs(*_args):
+            raise AssertionError("runs taken instead of the dense route")
+
+        for dense in (True, False):
+            with monkeypatch.context() as m:
+                if dense:
+                    m.setattr(lora_mod._RunLoRA, "apply", not_runs)
+                else:
+                    m.setattr(lora_mod, "_SLOW_SMALL_MATMUL", ())
+                with lora.frozen(), lora.route([2, 0, 2]), torch.no_grad():
+                    logits.append(model(input_ids=ids).logits.float())
+        torch.testing.assert_close(logits[0], logits[1], rtol=3e-2, atol=3e-2)
+    finally:
+        lora.remove()
+
+
 def test_gpu_layout_gives_each_adapter_one_block(tiny, monkeypatch):
     """Unpacked (the default on a GPU), each pass has one row per sequence and the padding
     goes through its row's adapter, so every LoRA layer takes the reshape-and-bmm route

@@ -185,13 +185,16 @@ class MultiLoRALinear(nn.Module):
             and x.dtype in _SLOW_SMALL_MATMUL
             and self.lora_A.shape[0] * self.r <= DENSE_TRAIN_MAX_RANK
         ):
-            # CPU, bf16/fp16 training: every slot at once, as on the read-only route above,
-            # but under autograd (see _DenseLoRA).
+            # CPU in bf16/fp16 (training passes, prefills): every slot at once, as on the
+            # read-only route above but for any number of tokens, under autograd (_DenseLoRA).
             x2 = x.reshape(-1, x.shape[-1])
             n, k = x2.shape[0], self.lora_A.shape[0]
-            a = self.lora_A.to(x.dtype)
-            a_cat = a.permute(1, 0, 2).reshape(a.shape[1], k * self.r)
-            b_cat = self.lora_B.to(x.dtype).view(k * self.r, -1)
+            if self.frozen is not None and self.frozen[0].dtype == x.dtype:
+                _, b, a_cat = self.frozen  # a prefill: the copies cast for generation
+            else:
+                a, b = self._weights(x.dtype)
+                a_cat = a.permute(1, 0, 2).reshape(a.shape[1], k * self.r)
+            b_cat = b.view(k * self.r, -1)
             mask = route.token_mask(n, x.dtype)
             y2 = _DenseLoRA.apply(x2, self.base(x2), a_cat, b_cat, mask, self.scaling)
             return y2.view(*x.shape[:-1], y2.shape[-1])
