@@ -160,43 +160,39 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = self.router.route
+        frozen = self.frozen is not None and self.frozen[0].dtype == x.dtype
+        k = self.lora_A.shape[0]
         if (
             route is not None
             and route.n_groups
-            and not route.contiguous
-            and self.frozen is not None
-            and self.frozen[0].dtype == x.dtype
-            and x.numel() // x.shape[-1] * self.lora_A.shape[0] <= DENSE_MAX
+            and (
+                # A few tokens (a decode step) through read-only adapters: three tensor ops
+                # instead of two per run; the extra arithmetic (K times the low-rank term's) is
+                # small next to the base layer.
+                (frozen and not route.contiguous and x.numel() // x.shape[-1] * k <= DENSE_MAX)
+                # CPU in bf16/fp16 (training passes, prefills), where each small matmul of a run
+                # costs ~30 us: larger matmuls for all slots, under autograd.
+                or (
+                    route.runs is not None
+                    and x.dtype in _SLOW_SMALL_MATMUL
+                    and k * self.r <= DENSE_TRAIN_MAX_RANK
+                )
+            )
         ):
-            # A few tokens (a decode step) through read-only adapters: every slot at once,
-            # y += scaling * mask(x [A_1 .. A_K]) [B_1; ..; B_K], where the mask keeps each
-            # token's own adapter's r columns. Three tensor ops instead of two per run; the
-            # extra arithmetic (K times the low-rank term's) is small next to the base layer.
-            _, b, a_cat = self.frozen
+            # Every slot at once: y += scaling * mask(x [A_1 .. A_K]) [B_1; ..; B_K], the mask
+            # keeping each token's own adapter's r columns (see _DenseLoRA).
             x2 = x.reshape(-1, x.shape[-1])
-            n = x2.shape[0]
-            xa = torch.mm(x2, a_cat).view(n, b.shape[0], b.shape[1])
-            xa.mul_(route.token_mask(n, x.dtype))
-            y2 = self.base(x2).addmm_(xa.view(n, -1), b.view(-1, b.shape[-1]), alpha=self.scaling)
-            return y2.view(*x.shape[:-1], y2.shape[-1])
-        if (
-            route is not None
-            and route.runs is not None
-            and x.dtype in _SLOW_SMALL_MATMUL
-            and self.lora_A.shape[0] * self.r <= DENSE_TRAIN_MAX_RANK
-        ):
-            # CPU in bf16/fp16 (training passes, prefills): every slot at once, as on the
-            # read-only route above but for any number of tokens, under autograd (_DenseLoRA).
-            x2 = x.reshape(-1, x.shape[-1])
-            n, k = x2.shape[0], self.lora_A.shape[0]
-            if self.frozen is not None and self.frozen[0].dtype == x.dtype:
-                _, b, a_cat = self.frozen  # a prefill: the copies cast for generation
+            if frozen:
+                _, b, a_cat = self.frozen  # the copies cast for generation
             else:
                 a, b = self._weights(x.dtype)
                 a_cat = a.permute(1, 0, 2).reshape(a.shape[1], k * self.r)
-            b_cat = b.view(k * self.r, -1)
-            mask = route.token_mask(n, x.dtype)
-            y2 = _DenseLoRA.apply(x2, self.base(x2), a_cat, b_cat, mask, self.scaling)
+            args = (x2, self.base(x2), a_cat, b.view(k * self.r, -1))
+            mask = route.token_mask(x2.shape[0], x.dtype)
+            if torch.is_grad_enabled():
+                y2 = _DenseLoRA.apply(*args, mask, self.scaling)
+            else:  # generation: the same arithmetic without an autograd node per layer
+                y2 = _dense_lora_(*args, mask, self.scaling)[0]
             return y2.view(*x.shape[:-1], y2.shape[-1])
         if route is not None and route.runs is not None:
             # CPU runs: the base output (a fresh [tokens, out] matrix, not a view) takes each
@@ -262,6 +258,13 @@ class _BlockLoRA(torch.autograd.Function):
         return gx, g, ga, gb, None
 
 
+def _dense_lora_(x, y, a_cat, b_cat, mask, scaling):
+    """y += scaling * mask(x A_cat) B_cat in place; returns (y, the masked x A_cat)."""
+    xa = torch.mm(x, a_cat)
+    xa.view(x.shape[0], mask.shape[1], -1).mul_(mask)
+    return y.addmm_(xa, b_cat, alpha=scaling), xa
+
+
 class _DenseLoRA(torch.autograd.Function):
     """y += scaling * mask(x A_cat) B_cat in place, where A_cat = [A_1 .. A_K] ([in, K r]),
     B_cat = [B_1; ..; B_K] ([K r, out]) and mask ([tokens, K, 1]) keeps each token's own
@@ -275,10 +278,7 @@ class _DenseLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, a_cat, b_cat, mask, scaling):
-        n, k = x.shape[0], mask.shape[1]
-        xa = torch.mm(x, a_cat)
-        xa.view(n, k, -1).mul_(mask)
-        y.addmm_(xa, b_cat, alpha=scaling)
+        y, xa = _dense_lora_(x, y, a_cat, b_cat, mask, scaling)
         ctx.mark_dirty(y)
         ctx.save_for_backward(x, xa, a_cat, b_cat, mask)
         ctx.scaling = scaling
