@@ -182,16 +182,19 @@ class MultiLoRALinear(nn.Module):
             # Every slot at once: y += scaling * mask(x [A_1 .. A_K]) [B_1; ..; B_K], the mask
             # keeping each token's own adapter's r columns (see _DenseLoRA).
             x2 = x.reshape(-1, x.shape[-1])
-            if frozen:
-                _, b, a_cat = self.frozen  # the copies cast for generation
-            else:
-                a, b = self._weights(x.dtype)
-                a_cat = a.permute(1, 0, 2).reshape(a.shape[1], k * self.r)
-            args = (x2, self.base(x2), a_cat, b.view(k * self.r, -1))
             mask = route.token_mask(x2.shape[0], x.dtype)
             if torch.is_grad_enabled():
-                y2 = _DenseLoRA.apply(*args, mask, self.scaling)
+                # Training: the fp32 masters go in, cast and laid out side by side in one copy.
+                y2 = _DenseLoRA.apply(
+                    x2, self.base(x2), self.lora_A, self.lora_B, mask, self.scaling
+                )
             else:  # generation: the same arithmetic without an autograd node per layer
+                if frozen:
+                    _, b, a_cat = self.frozen  # the copies cast for generation
+                else:
+                    a, b = self._weights(x.dtype)
+                    a_cat = a.permute(1, 0, 2).reshape(a.shape[1], k * self.r)
+                args = (x2, self.base(x2), a_cat, b.view(k * self.r, -1))
                 y2 = _dense_lora_(*args, mask, self.scaling)[0]
             return y2.view(*x.shape[:-1], y2.shape[-1])
         if route is not None and route.runs is not None:
@@ -274,26 +277,38 @@ class _DenseLoRA(torch.autograd.Function):
     run) costs ~30 us whatever its size, ~40% of a SmolLM2 training pass of 8 adapters;
     here a layer is two matmuls forward and four backward for all adapters at once, K times
     the low-rank arithmetic in larger, efficient matmuls. Exact: masked columns contribute
-    zeros and receive zero gradients."""
+    zeros and receive zero gradients.
+
+    Takes the adapters' fp32 masters ([K, in, r], [K, r, out]) and returns their gradients
+    in fp32: the cast and the side-by-side layout of A_cat are one copy each way, instead of
+    a cast, a layout copy and autograd's reverse of both per layer and pass (-7% of a bf16
+    SmolLM2 training epoch of 8 adapters, docs/benchmarks.md)."""
 
     @staticmethod
-    def forward(ctx, x, y, a_cat, b_cat, mask, scaling):
+    def forward(ctx, x, y, lora_a, lora_b, mask, scaling):
+        # lora_a [K, in, r] and lora_b [K, r, out] are the fp32 masters: A_cat is cast and
+        # laid out in one copy, and the weight gradients come back in fp32 the same way.
+        k, d_in, r = lora_a.shape
+        a_cat = x.new_empty(d_in, k * r)
+        a_cat.view(d_in, k, r).copy_(lora_a.permute(1, 0, 2))
+        b_cat = lora_b.reshape(k * r, -1).to(x.dtype)
         y, xa = _dense_lora_(x, y, a_cat, b_cat, mask, scaling)
         ctx.mark_dirty(y)
         ctx.save_for_backward(x, xa, a_cat, b_cat, mask)
-        ctx.scaling = scaling
+        ctx.scaling, ctx.master_dtype = scaling, lora_a.dtype
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, xa, a_cat, b_cat, mask = ctx.saved_tensors
         n, k = x.shape[0], mask.shape[1]
+        d_in, r = a_cat.shape[0], a_cat.shape[1] // k
         gxa = torch.mm(g, b_cat.t())
-        gxa.view(n, k, -1).mul_(mask)
-        gxa.mul_(ctx.scaling)  # d loss / d(x A_cat), scaling included
+        gxa.view(n, k, r).mul_(mask * ctx.scaling)  # d loss / d(x A_cat), scaling included
         gx = torch.mm(gxa, a_cat.t()) if ctx.needs_input_grad[0] else None
-        ga = torch.mm(x.t(), gxa)
-        gb = torch.mm(xa.t(), g).mul_(ctx.scaling)
+        ga = torch.empty(k, d_in, r, dtype=ctx.master_dtype, device=x.device)
+        ga.permute(1, 0, 2).copy_(torch.mm(x.t(), gxa).view(d_in, k, r))
+        gb = torch.mm(xa.t(), g).view(k, r, -1).to(ctx.master_dtype).mul_(ctx.scaling)
         return gx, g, ga, gb, None, None
 
 
