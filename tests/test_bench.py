@@ -108,3 +108,25 @@ def test_gpu_preset_loads():
     cfg = _load_config(BenchConfig, str(path), {}, ["model=tiny-random"])
     assert cfg.modes[0] == "seal" and cfg.time_limit > 0 and cfg.n > 8
     assert cfg.inner_loop.epochs == 10
+
+
+def test_repeats_alternate_the_order_and_report_each_modes_median_round():
+    """With repeats, the modes run in alternating order round after round (reference once);
+    each mode's figures are its median round's, with every round's seconds beside them."""
+    lines = []
+    cfg = BenchConfig(
+        model="tiny-random", n=1, n_reference=1, ref_pad=64, sample_passages=0, repeats=3,
+        modes=("reference", "sequential", "seal"),
+        inner_loop=InnerLoopConfig(epochs=1, max_new_tokens=4),
+    )  # fmt: skip
+    res = run_bench(cfg, log=lines.append)
+    order = [ln.split()[1] for ln in lines if "evals/h" in ln]
+    assert order == ["reference", "sequential", "seal", "seal", "sequential", "sequential", "seal"]
+    m = res["modes"]
+    assert "rounds_seconds_per_eval" not in m["reference"]
+    for mode in ("sequential", "seal"):
+        rounds = m[mode]["rounds_seconds_per_eval"]
+        assert len(rounds) == 3 and m[mode]["seconds_per_eval"] == sorted(rounds)[1]
+    assert len(res["speedup_vs_sequential_rounds"]) == 3
+    with pytest.raises(ValueError, match="repeats"):
+        BenchConfig(repeats=0)

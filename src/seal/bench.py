@@ -21,6 +21,11 @@ model FLOPs utilisation of seal's training passes against a matmul peak measured
 run in the model's dtype, peak RSS, and self-edit sampling tokens per second. The PEFT modes
 keep the loss off the padding (the reference code's loss on padding is an accident that
 changes results, not a cost).
+
+With `repeats=R`, every mode but reference (and ray) runs R times, the order reversed every
+other round, and reports its median round: modes run minutes apart, and a shared machine's
+speed drifts by tens of percent over that (docs/benchmarks.md), which one round per mode
+puts straight into the ratios.
 """
 
 from __future__ import annotations
@@ -77,6 +82,12 @@ class BenchConfig:
         "seconds per mode: a mode stops after the self-edit (or adapter group) running when "
         "its time is up, and its figures are over the self-edits done (0 = no limit)",
     )
+    repeats: int = f(
+        1,
+        "timed rounds of every mode but reference and ray, the order reversed every other "
+        "round (sequential, seal, seal, sequential, ...): each mode reports its median round, "
+        "so a machine whose speed drifts between modes skews the ratios less",
+    )
     inner_loop: InnerLoopConfig = f(None, "inner-loop settings (defaults: the paper's)")
     device: str = f("auto", "auto, cpu or cuda")
     dtype: str = f("auto", "auto, bf16, fp16 or fp32")
@@ -91,6 +102,8 @@ class BenchConfig:
         unknown = [m for m in self.modes if m not in (*MODES, "ray")]
         if unknown:
             raise ValueError(f"unknown bench mode(s) {unknown}; known: {[*MODES, 'ray']}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be at least 1, got {self.repeats}")
 
 
 def matmul_peak_flops(
@@ -337,6 +350,69 @@ def run_peft(lm, cfg: BenchConfig, jobs: list[KnowledgeJob], style: str) -> list
     return out
 
 
+def _median_round(entries: list[dict]) -> dict:
+    """A mode's figures over its rounds: the median round's (the lower of the middle two
+    for an even count), with every round's seconds per evaluation beside them."""
+    if len(entries) == 1:
+        return entries[0]
+    ranked = sorted(entries, key=lambda e: e["seconds_per_eval"])
+    return {
+        **ranked[(len(ranked) - 1) // 2],
+        "rounds_seconds_per_eval": [e["seconds_per_eval"] for e in entries],
+    }
+
+
+def _run_mode(lm, cfg: BenchConfig, mode: str, jobs: list[KnowledgeJob], peak: float) -> dict:
+    """One timed round of one mode over `jobs`; its figures."""
+    metric = cfg.inner_loop.reward_metric
+    t0 = time.time()
+    if mode in ("reference", "sequential"):
+        sub = jobs[: cfg.n_reference if mode == "reference" else cfg.n]
+        results = run_peft(lm, cfg, sub, mode)
+        train_s = None
+    else:
+        sub = jobs[: cfg.n]
+        cap = 1 if mode == "capacity1" else cfg.capacity
+        inner = InnerLoop(lm, replace(cfg.inner_loop, capacity=cap))
+        timing = _TrainTimer()
+        results = []
+        with timing.patch():
+            for at in range(0, len(sub), inner.capacity):
+                if results and cfg.time_limit and time.time() - t0 >= cfg.time_limit:
+                    break
+                results += inner.run(sub[at : at + inner.capacity])
+        n_adapter = inner.lora.n_params_per_adapter() if inner.lora is not None else 0
+        inner.close()
+        train_s = timing.seconds
+    seconds = time.time() - t0
+    acc = _accuracy(results, metric)
+    entry = {
+        "self_edits": len(results),
+        "seconds": round(seconds, 2),
+        "evals_per_hour": round(3600 * len(results) / seconds, 1),
+        "seconds_per_eval": round(seconds / len(results), 2),
+        "accuracy": {"metric": metric, **acc},
+    }
+    if len(results) < len(sub):
+        entry["stopped_at_time_limit"] = True
+    if mode == "seal":
+        entry["capacity"] = inner.capacity
+        flops = training_flops(
+            lm.model, n_adapter, timing.input_tokens, timing.tokens, timing.attention_pairs
+        )
+        attn = timing.attention_pairs * attention_flops_per_pair(lm.model.config)
+        entry.update(
+            train_seconds=round(train_s, 2),
+            train_tokens=timing.tokens,
+            train_input_tokens=timing.input_tokens,
+            train_gflops=round(flops / 1e9, 1),
+            train_attention_gflops=round(attn / 1e9, 1),
+            mfu=round(flops / train_s / peak, 3) if train_s else None,
+            mfu_without_attention=round((flops - attn) / train_s / peak, 3) if train_s else None,
+        )
+    return entry
+
+
 def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:
     """Runs the modes of `cfg` one after another and returns the figures. `on_mode(res)` is
     called with the figures so far after each mode (`res["complete"]` False until the end),
@@ -356,7 +432,6 @@ def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:
     # those InnerLoop.run makes (executors.chunks_of_similar_cost), and a time-limited mode
     # finishes a prefix of the same list.
     jobs.sort(key=lambda j: j.cost)
-    metric = cfg.inner_loop.reward_metric
     res: dict = {
         "model": cfg.model,
         "device": str(lm.device),
@@ -376,68 +451,29 @@ def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:
     res["matmul_peak_gflops"] = round(peak / 1e9, 1)
     log(f"[bench] measured {lm.dtype} matmul peak: {peak / 1e9:.0f} GFLOP/s")
 
-    for mode in cfg.modes:
-        if mode == "ray":
-            res["ray"] = run_ray_scaling(cfg, jobs[: cfg.n], log)
+    rounds: dict[str, list[dict]] = {}
+    for r in range(cfg.repeats):
+        order = [m for m in cfg.modes if r == 0 or m not in ("reference", "ray")]
+        for mode in order if r % 2 == 0 else order[::-1]:
+            if mode == "ray":
+                res["ray"] = run_ray_scaling(cfg, jobs[: cfg.n], log)
+            else:
+                entry = _run_mode(lm, cfg, mode, jobs, peak)
+                rounds.setdefault(mode, []).append(entry)
+                acc, n = entry["accuracy"], min(len(jobs), cfg.n)
+                if mode == "reference":
+                    n = min(len(jobs), cfg.n_reference)
+                log(
+                    f"[bench] {mode:10s} {entry['evals_per_hour']:8.1f} evals/h  "
+                    f"{entry['seconds_per_eval']:7.2f} s/eval  {acc['metric']} "
+                    f"{_pct(acc['mean'])} [{_pct(acc['ci_low'])}, {_pct(acc['ci_high'])}]"
+                    + (f"  (time limit: {entry['self_edits']} of {n})"
+                       if entry.get("stopped_at_time_limit") else "")
+                    + (f"  (round {r + 1} of {cfg.repeats})" if cfg.repeats > 1 else "")
+                )  # fmt: skip
+                res["modes"][mode] = _median_round(rounds[mode])
             if on_mode is not None:
                 on_mode(res)
-            continue
-        t0 = time.time()
-        if mode in ("reference", "sequential"):
-            sub = jobs[: cfg.n_reference if mode == "reference" else cfg.n]
-            results = run_peft(lm, cfg, sub, mode)
-            train_s = None
-        else:
-            sub = jobs[: cfg.n]
-            cap = 1 if mode == "capacity1" else cfg.capacity
-            inner = InnerLoop(lm, replace(cfg.inner_loop, capacity=cap))
-            timing = _TrainTimer()
-            results = []
-            with timing.patch():
-                for at in range(0, len(sub), inner.capacity):
-                    if results and cfg.time_limit and time.time() - t0 >= cfg.time_limit:
-                        break
-                    results += inner.run(sub[at : at + inner.capacity])
-            n_adapter = inner.lora.n_params_per_adapter() if inner.lora is not None else 0
-            inner.close()
-            train_s = timing.seconds
-        seconds = time.time() - t0
-        acc = _accuracy(results, metric)
-        entry = {
-            "self_edits": len(results),
-            "seconds": round(seconds, 2),
-            "evals_per_hour": round(3600 * len(results) / seconds, 1),
-            "seconds_per_eval": round(seconds / len(results), 2),
-            "accuracy": {"metric": metric, **acc},
-        }
-        if len(results) < len(sub):
-            entry["stopped_at_time_limit"] = True
-        if mode == "seal":
-            entry["capacity"] = inner.capacity
-            flops = training_flops(
-                lm.model, n_adapter, timing.input_tokens, timing.tokens, timing.attention_pairs
-            )
-            attn = timing.attention_pairs * attention_flops_per_pair(lm.model.config)
-            entry.update(
-                train_seconds=round(train_s, 2),
-                train_tokens=timing.tokens,
-                train_input_tokens=timing.input_tokens,
-                train_gflops=round(flops / 1e9, 1),
-                train_attention_gflops=round(attn / 1e9, 1),
-                mfu=round(flops / train_s / peak, 3) if train_s else None,
-                mfu_without_attention=round((flops - attn) / train_s / peak, 3)
-                if train_s
-                else None,
-            )
-        res["modes"][mode] = entry
-        log(
-            f"[bench] {mode:10s} {entry['evals_per_hour']:8.1f} evals/h  "
-            f"{entry['seconds_per_eval']:7.2f} s/eval  {metric} "
-            f"{_pct(acc['mean'])} [{_pct(acc['ci_low'])}, {_pct(acc['ci_high'])}]"
-            + (f"  (time limit: {len(results)} of {len(sub)})" if len(results) < len(sub) else "")
-        )
-        if on_mode is not None:
-            on_mode(res)
     m = res["modes"]
 
     def ratio(a, b):
@@ -452,6 +488,12 @@ def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:
     res["speedup_vs_reference"] = ratio("seal", "reference")
     res["speedup_vs_sequential"] = ratio("seal", "sequential")
     res["speedup_vs_capacity1"] = ratio("seal", "capacity1")
+    if cfg.repeats > 1 and "seal" in rounds and "sequential" in rounds:
+        # Each round's own c/b: its two modes ran minutes apart, not a whole bench apart.
+        res["speedup_vs_sequential_rounds"] = [
+            round(b["seconds_per_eval"] / c["seconds_per_eval"], 2)
+            for b, c in zip(rounds["sequential"], rounds["seal"], strict=True)
+        ]
     res["mfu"] = m.get("seal", {}).get("mfu")
     if cfg.sample_passages:
         res["sampling_tokens_per_s"] = _sampling_speed(lm, passages[: cfg.sample_passages], cfg)

@@ -281,7 +281,7 @@ class _DenseLoRA(torch.autograd.Function):
 
     Takes the adapters' fp32 masters ([K, in, r], [K, r, out]) and returns their gradients
     in fp32: the cast and the side-by-side layout of A_cat are one copy each way, instead of
-    a cast, a layout copy and autograd's reverse of both per layer and pass (-7% of a bf16
+    a cast, a layout copy and autograd's reverse of both per layer and pass (-8% of a bf16
     SmolLM2 training epoch of 8 adapters, docs/benchmarks.md)."""
 
     @staticmethod
