@@ -26,7 +26,7 @@ With `repeats=R`, every mode but reference (and ray) runs R times, the order rev
 other round, and reports its median round: modes run minutes apart, and a shared machine's
 speed drifts by tens of percent over that (docs/benchmarks.md), which one round per mode
 puts straight into the ratios. The first round stays the conservative one: on a CPU, modes
-run after seal's were measured 13-27% slower in the same process (docs/benchmarks.md).
+run after seal's were measured ~25% slower in the same process (docs/benchmarks.md).
 """
 
 from __future__ import annotations
