@@ -461,9 +461,8 @@ def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:
             else:
                 entry = _run_mode(lm, cfg, mode, jobs, peak)
                 rounds.setdefault(mode, []).append(entry)
-                acc, n = entry["accuracy"], min(len(jobs), cfg.n)
-                if mode == "reference":
-                    n = min(len(jobs), cfg.n_reference)
+                acc = entry["accuracy"]
+                n = min(len(jobs), cfg.n_reference if mode == "reference" else cfg.n)
                 log(
                     f"[bench] {mode:10s} {entry['evals_per_hour']:8.1f} evals/h  "
                     f"{entry['seconds_per_eval']:7.2f} s/eval  {acc['metric']} "
