@@ -352,7 +352,7 @@ CONFIG_FILES = [
     ("infinite judge timeout", "judge:\n  timeout: .inf\n", "judge.timeout: expected a finite number"),
     ("negative grad norm", "inner_loop:\n  max_grad_norm: -1\n", "inner_loop.max_grad_norm: must be > 0"),
     ("negative weight decay", "inner_loop:\n  weight_decay: -0.1\n", "inner_loop.weight_decay: must be >= 0"),
-    ("unknown executor", "executor:\n  kind: slurm\n", "executor.kind: must be inprocess or ray"),
+    ("unknown executor", "executor:\n  kind: slurm\n", "executor.kind: must be inprocess, processes or ray"),
     ("executor not a mapping", "executor: 3\n", "executor: expected a mapping"),
 ]  # fmt: skip
 

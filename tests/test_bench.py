@@ -1,6 +1,7 @@
 """`seal bench`: its baselines do the same work as seal, and it writes the promised figures."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -54,15 +55,24 @@ def test_bench_writes_every_figure(tmp_path):
     )  # fmt: skip
     assert code == 0
     res = json.loads(out.read_text())
-    assert set(res["modes"]) == {"reference", "sequential", "capacity1", "seal"}
+    assert set(res["modes"]) == {"reference", "sequential", "capacity1", "seal_inprocess", "seal"}
     for mode in res["modes"].values():
         assert mode["evals_per_hour"] > 0
         assert {"mean", "ci_low", "ci_high", "n"} <= set(mode["accuracy"])
-    for key in ("speedup_vs_reference", "speedup_vs_sequential", "speedup_vs_capacity1"):
+    for key in (
+        "speedup_vs_reference",
+        "speedup_vs_sequential",
+        "speedup_vs_capacity1",
+        "speedup_vs_seal_inprocess",
+    ):
         assert res[key] > 0
     assert 0 < res["mfu"] < 1
     assert res["peak_rss_gb"] > 0 and res["sampling_tokens_per_s"] > 0
     assert res["modes"]["seal"]["train_gflops"] > 0
+    # seal's mode ran on a worker process per core, at most one per self-edit (this process
+    # when that is one)
+    assert res["modes"]["seal"].get("workers", 1) == min(2, len(os.sched_getaffinity(0)))
+    assert 0 < res["modes"]["seal_inprocess"]["mfu"] < 1
     assert res["complete"] is True
     assert res["inner_loop"]["epochs"] == 1 and res["inner_loop"]["max_new_tokens"] == 4
 
@@ -71,7 +81,7 @@ def test_bench_keeps_figures_of_finished_modes():
     """`on_mode` sees the figures after every mode, so a bench stopped part-way keeps them."""
     seen = []
     cfg = BenchConfig(
-        model="tiny-random", n=1, modes=("sequential", "seal"), sample_passages=0,
+        model="tiny-random", n=1, modes=("sequential", "seal"), sample_passages=0, workers=1,
         inner_loop=InnerLoopConfig(epochs=1, max_new_tokens=4),
     )  # fmt: skip
     res = run_bench(cfg, log=lambda *_: None, on_mode=lambda r: seen.append(list(r["modes"])))
@@ -89,7 +99,8 @@ def test_time_limit_stops_a_mode_after_the_running_self_edit_or_group():
     self-edit one at a time; the whole group in seal mode) and reports rates over that."""
     cfg = BenchConfig(
         model="tiny-random", n=3, modes=("sequential", "capacity1", "seal"), sample_passages=0,
-        capacity=3, time_limit=1e-9, inner_loop=InnerLoopConfig(epochs=1, max_new_tokens=4),
+        capacity=3, time_limit=1e-9, workers=1,
+        inner_loop=InnerLoopConfig(epochs=1, max_new_tokens=4),
     )  # fmt: skip
     res = run_bench(cfg, log=lambda *_: None)
     m = res["modes"]
@@ -116,7 +127,7 @@ def test_repeats_alternate_the_order_and_report_each_modes_median_round():
     lines = []
     cfg = BenchConfig(
         model="tiny-random", n=1, n_reference=1, ref_pad=64, sample_passages=0, repeats=3,
-        modes=("reference", "sequential", "seal"),
+        modes=("reference", "sequential", "seal"), workers=1,
         inner_loop=InnerLoopConfig(epochs=1, max_new_tokens=4),
     )  # fmt: skip
     res = run_bench(cfg, log=lines.append)

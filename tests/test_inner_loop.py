@@ -80,6 +80,10 @@ def test_auto_capacity_counts_checkpointed_activations(tiny, monkeypatch):
     ckpt = auto_capacity(tiny.model, spec, 2048, cpu, limit=1000, checkpoint=True)
     assert 1 <= plain < ckpt
     assert auto_capacity(tiny.model, spec, 2048, cpu, limit=2, checkpoint=True) == 2
+    # A worker of two on one machine (executors.ProcessExecutor) sizes from half the memory.
+    monkeypatch.setenv("SEAL_MEMORY_SHARE", "0.5")
+    half = auto_capacity(tiny.model, spec, 2048, cpu, limit=1000)
+    assert 1 <= half < plain
 
 
 def test_checkpointed_inner_loop_gives_the_same_result(tiny, demo_eval):

@@ -8,31 +8,23 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 import yaml
+from executor_runs import (
+    CONFIG,
+    inprocess_reference,
+    knowledge_runner_factory,
+    outcome,
+    run,
+    run_config,
+)
 
-from seal import rest_em
-from seal.config import from_dict, validate_tree
 from seal.domains.base import Job
-from seal.runs import RunDir, read_jsonl
+from seal.runs import read_jsonl
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs `pip install seal-lm[ray]`")
 
-# One ReST-EM round; selection "threshold 0" keeps every self-edit, so the generator is
-# fine-tuned and the round-1 evaluation runs on the updated model — on the workers too.
-CONFIG = {
-    "seed": 3,
-    "model": "tiny-random",
-    "rounds": 1,
-    "data": {"n_train": 2, "n_eval": 3},
-    "self_edit": {"n_samples": 2, "max_new_tokens": 24},
-    "inner_loop": {"epochs": 2, "capacity": 2, "max_new_tokens": 8},
-    "rest_em": {"selection": "threshold", "threshold": 0.0, "sft": {"epochs": 1}},
-    "logging": {"progress": False},
-}
 RAY = {"kind": "ray", "workers": 2, "cpus_per_worker": 1}
 
 
@@ -44,58 +36,15 @@ def cluster():
     ray.shutdown()
 
 
-def _cfg(**executor) -> rest_em.RunConfig:
-    cfg = from_dict(rest_em.RunConfig, {**CONFIG, "executor": executor or {"kind": "inprocess"}})
-    validate_tree(cfg)
-    return cfg
-
-
-def _run(path: Path, cfg, logs: list | None = None) -> list[dict]:
-    """A run whose driver computes on one thread, as the workers do: sampling and the
-    generator's fine-tune then do the same arithmetic in every run of this module."""
-    rd = RunDir(path)
-    rd.path.mkdir(parents=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return rest_em.run(cfg, rd, log=(logs.append if logs is not None else lambda _: None))
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _strip(recs):
-    drop = {"seconds", "seconds_per_phase"}
-    return [{k: v for k, v in r.items() if k not in drop} for r in recs]
-
-
-def _outcome(path: Path) -> dict:
-    """Everything a run computed, without timings: metrics, every scored job (rewards,
-    answers, per-question scores), the kept self-edits."""
-    jobs = {}
-    for rel in sorted(path.glob("**/*.jobs.jsonl")):
-        for r in _strip(read_jsonl(rel)):
-            jobs[f"{rel.relative_to(path)}:{r['key']}"] = r
-    return {
-        "metrics": _strip(read_jsonl(path / "metrics.jsonl")),
-        "jobs": jobs,
-        "scored": read_jsonl(path / "self_edits" / "round_1.jsonl"),
-    }
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The in-process run, on one thread as the workers are (same arithmetic)."""
-    path = tmp_path_factory.mktemp("inprocess") / "run"
-    _run(path, _cfg())
-    out = _outcome(path)
-    assert out["metrics"][1]["n_kept"] == 4 and out["metrics"][1]["sft"]["n_pairs"] == 4
-    return out
+    return inprocess_reference(tmp_path_factory)
 
 
 def test_ray_run_equals_inprocess_run(cluster, reference, tmp_path):
     logs: list[str] = []
-    _run(tmp_path / "run", _cfg(**RAY), logs)
-    out = _outcome(tmp_path / "run")
+    run(tmp_path / "run", run_config(**RAY), logs)
+    out = outcome(tmp_path / "run")
     assert [m["round"] for m in out["metrics"]] == [0, 1]
     assert out == reference
     assert any("ray executor: 2 worker(s)" in m for m in logs)
@@ -107,10 +56,10 @@ def test_killed_worker_loses_nothing(cluster, reference, tmp_path, monkeypatch):
     monkeypatch.setenv("SEAL_FAILPOINT", "worker_run")
     monkeypatch.setenv("SEAL_FAILPOINT_ONCE", str(tmp_path / "once"))
     logs: list[str] = []
-    _run(tmp_path / "run", _cfg(**RAY), logs)
+    run(tmp_path / "run", run_config(**RAY), logs)
     assert (tmp_path / "once" / "worker_run").exists()  # the fault did fire
     assert any("died on jobs" in m for m in logs), logs
-    assert _outcome(tmp_path / "run") == reference
+    assert outcome(tmp_path / "run") == reference
 
 
 def test_driver_sigkill_then_resume(cluster, reference, tmp_path):
@@ -132,13 +81,13 @@ def test_driver_sigkill_then_resume(cluster, reference, tmp_path):
         timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert _outcome(run_dir) == reference
+    assert outcome(run_dir) == reference
 
 
 def test_persistent_failure_names_jobs_and_error(cluster):
     from seal.executors import ExecutorError, RayExecutor, WorkerSpec
 
-    spec = WorkerSpec("tiny-random", "cpu", "auto", _knowledge_runner_factory(), updates=[])
+    spec = WorkerSpec("tiny-random", "cpu", "auto", knowledge_runner_factory(), updates=[])
     ex = RayExecutor(spec, workers=2, cpus_per_worker=1, max_retries=1, log=lambda _: None)
     try:
         bad = [Job(f"ctx/{i}/0", "ctx", i, 0, i, payload={"nonsense": True}) for i in range(2)]
@@ -146,14 +95,6 @@ def test_persistent_failure_names_jobs_and_error(cluster):
             ex.run(bad, lambda *_: None)
     finally:
         ex.close()
-
-
-def _knowledge_runner_factory():
-    import functools
-
-    from seal.config import to_dict
-
-    return functools.partial(rest_em.runner_from_config, to_dict(_cfg()))
 
 
 def test_without_ray_the_error_says_how_to_install(monkeypatch, tmp_path):

@@ -1,7 +1,7 @@
 """`seal bench`: inner-loop throughput, measured against the reference design.
 
-Four ways to run the same inner loops (model, passages, self-edits, hyperparameters, initial
-adapter weights), in one process, one after another:
+Five ways to run the same inner loops (model, passages, self-edits, hyperparameters, initial
+adapter weights), one after another:
 
   reference   (a) the paper's code's design with PEFT: a fresh PEFT model per self-edit,
               every sequence padded to `ref_pad` tokens (2,048 there), batch 1, one
@@ -13,9 +13,15 @@ adapter weights), in one process, one after another:
               `generate`; one self-edit at a time
   capacity1   seal's own engine with one adapter at a time (packing, the decode loop, the
               fused optimizer and cross-entropy): what batching adapters alone adds
-  seal        (c) the batched multi-adapter inner loop (capacity K)
+  seal_inprocess
+              the batched multi-adapter inner loop (capacity K) in this process
+  seal        (c) the same on `workers` local worker processes (executors.ProcessExecutor;
+              on a CPU one single-threaded worker per core, whose start-up is timed apart;
+              on a GPU, or with workers=1, this process), each running its share of the
+              self-edits K at a time
 
-It prints self-edit evaluations per hour, the ratios c/a and c/b (and c/capacity1), the
+It prints self-edit evaluations per hour, the ratios c/a and c/b (and c/capacity1, and
+c/seal_inprocess: what the worker processes add), the
 post-adaptation accuracy of each with its 95% CI (speed must not change the result), the
 model FLOPs utilisation of seal's training passes against a matmul peak measured in the same
 run in the model's dtype, peak RSS, and self-edit sampling tokens per second. The PEFT modes
@@ -26,7 +32,8 @@ With `repeats=R`, every mode but reference (and ray) runs R times, the order rev
 other round, and reports its median round: modes run minutes apart, and a shared machine's
 speed drifts by tens of percent over that (docs/benchmarks.md), which one round per mode
 puts straight into the ratios. The first round stays the conservative one: on a CPU, modes
-run after seal's were measured ~25% slower in the same process (docs/benchmarks.md).
+run after the batched loop in the same process were measured ~25% slower (docs/benchmarks.md;
+seal's mode on worker processes leaves this process as it was, seal_inprocess does not).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from seal.domains.knowledge import (
     self_edit_prompt_text,
     training_texts,
 )
+from seal.executors import default_workers
 from seal.generation import (
     SamplingParams,
     decode,
@@ -60,7 +68,8 @@ from seal.lora import init_lora_a
 from seal.models import DEFAULT_MODEL
 from seal.training import text_example
 
-MODES = ("reference", "sequential", "capacity1", "seal")
+MODES = ("reference", "sequential", "capacity1", "seal_inprocess", "seal")
+SEAL_MODES = ("seal_inprocess", "seal")
 
 
 @dataclass
@@ -70,10 +79,14 @@ class BenchConfig:
     model: str = f(DEFAULT_MODEL, "model to benchmark")
     data: str = f("demo:eval", "passages")
     teacher: str = f("", "self-edits file (default: the demo teacher file for demo data)")
-    n: int = f(8, "self-edits evaluated by every mode but reference")
+    n: int = f(
+        16,
+        "self-edits evaluated by every mode but reference (16: two CPU workers of 8 adapters)",
+    )
     n_reference: int = f(2, "self-edits evaluated by the (slow) reference mode")
     modes: tuple[str, ...] = f(
-        MODES, "which modes to run (of reference, sequential, capacity1, seal, ray)"
+        MODES,
+        "which modes to run (of reference, sequential, capacity1, seal_inprocess, seal, ray)",
     )
     ref_pad: int = f(2048, "reference mode: pad every sequence to this many tokens")
     capacity: int = f(0, "seal mode: adapters at once (0 = from free memory)")
@@ -93,6 +106,12 @@ class BenchConfig:
     device: str = f("auto", "auto, cpu or cuda")
     dtype: str = f("auto", "auto, bf16, fp16 or fp32")
     seed: int = f(0, "seed")
+    workers: int = f(
+        0,
+        "seal mode: local worker processes, each with its own model copy and chunks of "
+        "self-edits (0 = one per CPU core on a CPU, 1 on a GPU; 1 = this process); their "
+        "start-up is timed apart",
+    )
     ray_workers: tuple[int, ...] = f((1, 2), "ray mode: worker counts to measure")
     ray_cpus_per_worker: float = f(0, "ray mode: CPUs per worker (0 = CPUs / most workers)")
     ray_address: str = f("", "ray mode: cluster to join ('' = a local one)")
@@ -105,6 +124,8 @@ class BenchConfig:
             raise ValueError(f"unknown bench mode(s) {unknown}; known: {[*MODES, 'ray']}")
         if self.repeats < 1:
             raise ValueError(f"repeats must be at least 1, got {self.repeats}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be 0 (one per core) or more, got {self.workers}")
 
 
 def matmul_peak_flops(
@@ -165,6 +186,16 @@ def _sync(device):
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
+
+
+def _own_peak_rss_gb() -> float:
+    """This process's peak RSS since it started its program (VmHWM): unlike getrusage's, it
+    does not count the parent's memory a spawned worker was forked from."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    return peak_rss_gb()
 
 
 def _jobs(cfg: BenchConfig, passages, edits, n: int) -> list[KnowledgeJob]:
@@ -363,28 +394,36 @@ def _median_round(entries: list[dict]) -> dict:
     }
 
 
-def _run_mode(lm, cfg: BenchConfig, mode: str, jobs: list[KnowledgeJob], peak: float) -> dict:
+def _run_mode(lm, cfg: BenchConfig, mode: str, jobs: list[KnowledgeJob], peak: float, log) -> dict:
     """One timed round of one mode over `jobs`; its figures."""
     metric = cfg.inner_loop.reward_metric
+    # seal's mode: as many workers as asked (or cores), but no more than self-edits.
+    workers = cfg.workers or default_workers(lm.device.type) if mode == "seal" else 1
+    workers = max(1, min(workers, cfg.n, len(jobs)))
+    extra: dict = {}
     t0 = time.time()
     if mode in ("reference", "sequential"):
         sub = jobs[: cfg.n_reference if mode == "reference" else cfg.n]
         results = run_peft(lm, cfg, sub, mode)
-        train_s = None
+    elif workers > 1:
+        sub = jobs[: cfg.n]
+        results, timing, extra = _run_on_workers(cfg, sub, workers, log)
+        t0 = time.time() - extra.pop("seconds")  # the jobs' time, start-up apart
     else:
         sub = jobs[: cfg.n]
         cap = 1 if mode == "capacity1" else cfg.capacity
         inner = InnerLoop(lm, replace(cfg.inner_loop, capacity=cap))
-        timing = _TrainTimer()
+        timer = _TrainTimer()
         results = []
-        with timing.patch():
+        with timer.patch():
             for at in range(0, len(sub), inner.capacity):
                 if results and cfg.time_limit and time.time() - t0 >= cfg.time_limit:
                     break
                 results += inner.run(sub[at : at + inner.capacity])
-        n_adapter = inner.lora.n_params_per_adapter() if inner.lora is not None else 0
+        timer.n_adapter = inner.lora.n_params_per_adapter() if inner.lora is not None else 0
+        extra["capacity"] = inner.capacity
         inner.close()
-        train_s = timing.seconds
+        timing = timer.figures()
     seconds = time.time() - t0
     acc = _accuracy(results, metric)
     entry = {
@@ -396,22 +435,82 @@ def _run_mode(lm, cfg: BenchConfig, mode: str, jobs: list[KnowledgeJob], peak: f
     }
     if len(results) < len(sub):
         entry["stopped_at_time_limit"] = True
-    if mode == "seal":
-        entry["capacity"] = inner.capacity
+    if mode in SEAL_MODES:
+        entry.update(extra)
         flops = training_flops(
-            lm.model, n_adapter, timing.input_tokens, timing.tokens, timing.attention_pairs
+            lm.model,
+            timing["n_adapter"],
+            timing["input_tokens"],
+            timing["tokens"],
+            timing["attention_pairs"],
         )
-        attn = timing.attention_pairs * attention_flops_per_pair(lm.model.config)
+        attn = timing["attention_pairs"] * attention_flops_per_pair(lm.model.config)
+        # Workers train side by side: the machine's training time is theirs over the workers.
+        train_s = timing["seconds"] / workers
         entry.update(
-            train_seconds=round(train_s, 2),
-            train_tokens=timing.tokens,
-            train_input_tokens=timing.input_tokens,
+            train_seconds=round(timing["seconds"], 2),
+            train_tokens=timing["tokens"],
+            train_input_tokens=timing["input_tokens"],
             train_gflops=round(flops / 1e9, 1),
             train_attention_gflops=round(attn / 1e9, 1),
             mfu=round(flops / train_s / peak, 3) if train_s else None,
             mfu_without_attention=round((flops - attn) / train_s / peak, 3) if train_s else None,
         )
     return entry
+
+
+def _run_on_workers(cfg: BenchConfig, jobs: list[KnowledgeJob], workers: int, log):
+    """seal's mode on `workers` local processes (executors.ProcessExecutor): (results, the
+    workers' training figures summed, {workers, threads, capacity, start-up seconds, the
+    jobs' seconds})."""
+    import functools
+
+    from seal.executors import ProcessExecutor, WorkerSpec
+
+    inner = to_dict(replace(cfg.inner_loop, capacity=cfg.capacity))
+    spec = WorkerSpec(cfg.model, cfg.device, cfg.dtype, functools.partial(_bench_runner, inner))
+    t0 = time.time()
+    ex = ProcessExecutor(spec, workers=workers, log=log)
+    startup = time.time() - t0
+    try:
+        # The bench's few self-edits in equal chunks, as many for every worker: a worker left
+        # with one more chunk than the others would time its tail alone.
+        rounds = -(-len(jobs) // (workers * ex.capacity))
+        ex.capacity = -(-len(jobs) // (workers * rounds))
+        results: list = []
+        timing = {"seconds": 0.0, "tokens": 0, "input_tokens": 0, "attention_pairs": 0}
+        t0 = time.time()
+        step = ex.capacity * workers
+        for at in range(0, len(jobs), step):
+            if results and cfg.time_limit and time.time() - t0 >= cfg.time_limit:
+                break
+
+            def take(chunk, res):
+                results.extend(res)
+                for k, v in res.timing.items():
+                    if k == "n_adapter":
+                        timing[k] = v
+                    elif k == "peak_rss_gb":
+                        timing[k] = max(timing.get(k, 0.0), v)
+                    else:
+                        timing[k] += v
+
+            ex.run(jobs[at : at + step], take)
+        seconds = time.time() - t0
+    finally:
+        ex.close()
+    # Chunks come back as they finish; the figures follow the jobs' order.
+    order = {j.key: i for i, j in enumerate(jobs)}
+    results.sort(key=lambda r: order[r.key])
+    extra = {
+        "workers": workers,
+        "threads_per_worker": ex.threads,
+        "capacity": ex.capacity,
+        "startup_seconds": round(startup, 1),
+        "worker_peak_rss_gb": round(timing.pop("peak_rss_gb", 0.0), 2),
+        "seconds": seconds,
+    }
+    return results, timing, extra
 
 
 def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:
@@ -459,7 +558,7 @@ def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:
             if mode == "ray":
                 res["ray"] = run_ray_scaling(cfg, jobs[: cfg.n], log)
             else:
-                entry = _run_mode(lm, cfg, mode, jobs, peak)
+                entry = _run_mode(lm, cfg, mode, jobs, peak, log)
                 rounds.setdefault(mode, []).append(entry)
                 acc = entry["accuracy"]
                 n = min(len(jobs), cfg.n_reference if mode == "reference" else cfg.n)
@@ -488,6 +587,7 @@ def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:
     res["speedup_vs_reference"] = ratio("seal", "reference")
     res["speedup_vs_sequential"] = ratio("seal", "sequential")
     res["speedup_vs_capacity1"] = ratio("seal", "capacity1")
+    res["speedup_vs_seal_inprocess"] = ratio("seal", "seal_inprocess")
     if cfg.repeats > 1 and "seal" in rounds and "sequential" in rounds:
         # Each round's own c/b: its two modes ran minutes apart, not a whole bench apart.
         res["speedup_vs_sequential_rounds"] = [
@@ -505,17 +605,29 @@ def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:
 
 
 class BenchRunner:
-    """The inner loop on one model as a Runner over KnowledgeJobs (what a Ray worker runs)."""
+    """The inner loop on one model as a Runner over KnowledgeJobs (what a worker runs); each
+    chunk's results carry its training figures (`.timing`, see _TrainTimer.figures)."""
 
     def __init__(self, lm, inner_cfg: InnerLoopConfig):
         self.inner = InnerLoop(lm, inner_cfg)
         self.capacity = self.inner.capacity
 
     def run(self, jobs):
-        return self.inner.run(jobs)
+        timer = _TrainTimer()
+        with timer.patch():
+            results = TimedResults(self.inner.run(jobs))
+        timer.n_adapter = self.inner.lora.n_params_per_adapter() if self.inner.lora else 0
+        results.timing = {**timer.figures(), "peak_rss_gb": _own_peak_rss_gb()}
+        return results
 
     def close(self):
         self.inner.close()
+
+
+class TimedResults(list):
+    """A chunk's results plus its training figures (`timing`), as a worker sends them."""
+
+    timing: dict
 
 
 def _bench_runner(inner_cfg: dict, lm) -> BenchRunner:
@@ -595,6 +707,16 @@ class _TrainTimer:
 
     def __init__(self):
         self.seconds, self.tokens, self.input_tokens, self.attention_pairs = 0.0, 0, 0, 0
+        self.n_adapter = 0  # LoRA weights per adapter, set by the caller
+
+    def figures(self) -> dict:
+        return {
+            "seconds": self.seconds,
+            "tokens": self.tokens,
+            "input_tokens": self.input_tokens,
+            "attention_pairs": self.attention_pairs,
+            "n_adapter": self.n_adapter,
+        }
 
     def patch(self):
         import contextlib

@@ -266,6 +266,7 @@ def cmd_bench(args) -> int:
                     "speedup_vs_reference",
                     "speedup_vs_sequential",
                     "speedup_vs_capacity1",
+                    "speedup_vs_seal_inprocess",
                     "mfu",
                     "peak_rss_gb",
                 )
@@ -330,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="key=value overrides (e.g. rounds=2)")
     r.add_argument("--run-dir", help="run directory (default: runs/<time>-<config name>)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
-    r.add_argument("--executor", choices=["inprocess", "ray"], help="= executor.kind")
-    r.add_argument("--workers", type=int, help="= executor.workers (ray actors)")
+    r.add_argument("--executor", choices=["inprocess", "processes", "ray"], help="= executor.kind")
+    r.add_argument("--workers", type=int, help="= executor.workers (worker processes, ray actors)")
     r.add_argument("--ray-address", help="= executor.address ('auto' joins a running cluster)")
     r.set_defaults(func=cmd_run)
 

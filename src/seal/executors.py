@@ -5,6 +5,7 @@ changing, and resume works the same for both."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import deque
 from collections.abc import Callable
@@ -133,23 +134,37 @@ def _import_ray():
     return ray
 
 
-class _Worker:
-    """One inner-loop worker (a Ray actor): loads the base model once, applies generator
-    updates as they come, and runs chunks of jobs with the batched multi-adapter loop."""
+def _count_failure(tries, i, chunk, worker, died, error, max_retries, log) -> None:
+    """Chunk i failed on `worker` (`died`: the worker is gone; else it raised `error`):
+    ExecutorError naming its jobs and the last error once it has failed more than
+    `max_retries` times, else a line in the log (the caller retries it)."""
+    tries[i] = tries.get(i, 0) + 1
+    keys = ", ".join(j.key for j in chunk)
+    if tries[i] > max_retries:
+        raise ExecutorError(
+            f"inner-loop jobs [{keys}] failed {tries[i]} times; last worker error: {error}"
+        )
+    log(
+        f"[seal] {worker} {'died' if died else 'failed'} on jobs [{keys}] "
+        f"({error.splitlines()[0]}); retrying them on another worker"
+    )
 
-    def __init__(self, spec: WorkerSpec, update_refs: list):
+
+class _WorkerCore:
+    """What every out-of-process worker does: loads the base model once (on `threads` CPU
+    threads when given), applies generator updates as they come, and runs chunks of jobs
+    with the batched multi-adapter loop."""
+
+    def __init__(self, spec: WorkerSpec, updates: list, threads: int = 0):
         import torch
 
         from seal.models import load_model
 
         self.spec = spec
-        # Ray sets OMP_NUM_THREADS to the actor's CPUs; torch must follow it.
-        n = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-        if n > 0:
-            torch.set_num_threads(n)
+        if threads > 0:
+            torch.set_num_threads(threads)
         self.lm = load_model(spec.model, spec.device, spec.dtype, progress=lambda *_: None)
-        ray = _import_ray()
-        for u in [*spec.updates, *ray.get(list(update_refs))]:
+        for u in [*spec.updates, *updates]:
             self._apply(u)
         self.runner = spec.make_runner(self.lm)
 
@@ -181,6 +196,16 @@ class _Worker:
 
     def close(self) -> None:
         self.runner.close()
+
+
+class _Worker(_WorkerCore):
+    """One inner-loop worker as a Ray actor."""
+
+    def __init__(self, spec: WorkerSpec, update_refs: list):
+        ray = _import_ray()
+        # Ray sets OMP_NUM_THREADS to the actor's CPUs; torch must follow it.
+        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        super().__init__(spec, ray.get(list(update_refs)), threads)
 
 
 class RayExecutor:
@@ -266,18 +291,10 @@ class RayExecutor:
             try:
                 results = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-                tries[i] = tries.get(i, 0) + 1
                 died = isinstance(e, ray.exceptions.RayActorError)
-                keys = ", ".join(j.key for j in chunk)
-                if tries[i] > self.max_retries:
-                    raise ExecutorError(
-                        f"inner-loop jobs [{keys}] failed {tries[i]} times; last worker error: "
-                        f"{e.__class__.__name__}: {e}"
-                    ) from e
-                self.log(
-                    f"[seal] ray worker {a} {'died' if died else 'failed'} on jobs [{keys}] "
-                    f"({e.__class__.__name__}); retrying them on another worker"
-                )
+                err = f"{e.__class__.__name__}: {e}"
+                _count_failure(tries, i, chunk, f"ray worker {a}", died, err, self.max_retries,
+                               self.log)  # fmt: skip
                 if died:
                     self._replace(a)
                 pending.appendleft((i, chunk))
@@ -311,13 +328,261 @@ class RayExecutor:
         self._actors = []
 
 
+# --------------------------------------------------------------------------------------------
+# Local worker processes
+
+
+def default_workers(device: str) -> int:
+    """Worker processes when none are asked for: one per CPU core this process may run on,
+    for a CPU device; one for a GPU (several GPUs: the Ray executor)."""
+    import torch
+
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return len(os.sched_getaffinity(0)) if on_cpu else 1
+
+
+def _process_worker(spec: WorkerSpec, threads: int, memory_share: float, conn) -> None:
+    """A worker process: builds its worker, then serves the driver's requests ("run", jobs),
+    ("update", update) and ("close",) until told to close or the driver goes away. Every
+    reply is ("ok", value) or ("error", the exception and its traceback as text)."""
+    import signal
+    import traceback
+
+    # Ctrl-C reaches the whole process group: the driver decides, and stops its workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # auto_capacity sizes adapter batches from this process's share of the free memory.
+    os.environ["SEAL_MEMORY_SHARE"] = repr(memory_share)
+    try:
+        core = _WorkerCore(spec, [], threads)
+        conn.send(("ok", core.info()))
+    except Exception as e:
+        conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        return
+    while True:
+        try:
+            op, *args = conn.recv()
+        except EOFError:
+            return
+        try:
+            if op == "run":
+                out = core.run(*args)
+            elif op == "update":
+                out = core.update(*args)
+            elif op == "close":
+                conn.send(("ok", core.close()))
+                return
+            else:
+                raise ValueError(f"unknown request {op!r}")
+        except Exception as e:
+            conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+            continue
+        conn.send(("ok", out))
+
+
+class _WorkerDied(Exception):
+    pass
+
+
+class ProcessExecutor:
+    """Inner loops on local worker processes (stdlib `multiprocessing`), one model copy each.
+
+    On a CPU, a training pass of a small model is bound by per-operation costs that a second
+    thread barely shares: on 2 cores, one SmolLM2 training epoch of 8 adapters took 19.5 s on
+    two threads and 26 s on one, while two one-thread processes each trained their own 8 in
+    26 s (docs/benchmarks.md). So by default there is one single-threaded worker per core,
+    each running its own chunks of jobs with the batched multi-adapter loop and sizing its
+    adapter batches from its share of the free memory.
+
+    Jobs are cut into the same chunks as in-process (`chunks_by_position`), each chunk goes to
+    the next idle worker and its results are handed to `on_results` as soon as they arrive;
+    results equal the in-process executor's computed on as many threads as a worker has. A
+    worker that dies has its chunk retried on a fresh one, at most `max_retries` times; a
+    chunk that keeps failing stops the run with ExecutorError naming its jobs and the error.
+    Generator updates are sent to every worker; a worker started later applies them all."""
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        workers: int = 0,
+        threads_per_worker: int = 0,
+        max_retries: int = 2,
+        log: Callable[[str], None] = print,
+    ):
+        import multiprocessing
+
+        self.workers = workers or default_workers(spec.device)
+        cores = len(os.sched_getaffinity(0))
+        self.threads = threads_per_worker or max(1, cores // self.workers)
+        self.max_retries, self.log, self.restarts = max_retries, log, 0
+        # spawn, not fork: a forked copy of a process whose torch thread pool already runs
+        # can hang; a fresh interpreter costs a few seconds once per worker.
+        self._mp = multiprocessing.get_context("spawn")
+        self._updates = list(spec.updates)
+        self.spec = WorkerSpec(spec.model, spec.device, spec.dtype, spec.make_runner)
+        self._procs: list = [None] * self.workers
+        self._conns: list = [None] * self.workers
+        try:
+            for a in range(self.workers):
+                self._start(a)
+            infos = [self._ready(a) for a in range(self.workers)]
+        except BaseException:
+            self.close()
+            raise
+        self.capacity = min(i["capacity"] for i in infos)
+        log(
+            f"[seal] process executor: {self.workers} worker(s) x {self.threads} thread(s) "
+            f"on {infos[0]['device']}, {self.capacity} inner loops per chunk"
+        )
+
+    def _start(self, a: int) -> None:
+        parent, child = self._mp.Pipe()
+        spec = WorkerSpec(self.spec.model, self.spec.device, self.spec.dtype,
+                          self.spec.make_runner, list(self._updates))  # fmt: skip
+        proc = self._mp.Process(
+            target=_process_worker,
+            args=(spec, self.threads, 1.0 / self.workers, child),
+            name=f"seal-worker-{a}",
+            daemon=True,
+        )
+        proc.start()
+        child.close()
+        self._procs[a], self._conns[a] = proc, parent
+
+    def _recv(self, a: int):
+        """Worker a's reply: its value, or ExecutorError for an error it reported;
+        _WorkerDied if it is gone."""
+        try:
+            status, value = self._conns[a].recv()
+        except (EOFError, OSError):
+            self._procs[a].join(5)
+            raise _WorkerDied(f"exit code {self._procs[a].exitcode}") from None
+        if status == "error":
+            raise ExecutorError(value)
+        return value
+
+    def _ready(self, a: int) -> dict:
+        try:
+            return self._recv(a)
+        except (_WorkerDied, ExecutorError) as e:
+            raise ExecutorError(f"inner-loop worker {a} failed to start: {e}") from None
+
+    def _replace(self, a: int) -> None:
+        self._stop(a)
+        self._start(a)
+        self._ready(a)
+        self.restarts += 1
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def run(self, jobs, on_results, progress=None, skip=frozenset()) -> None:
+        pending = deque(enumerate(chunks_by_position(jobs, self.capacity, skip)))
+        tries: dict[int, int] = {}
+        idle = list(range(self.workers))
+        busy: dict[int, tuple[int, list[Job]]] = {}  # worker -> (chunk index, chunk)
+        try:
+            self._serve(pending, tries, idle, busy, on_results, progress)
+        finally:
+            # Stopped early (an error, Ctrl-C): a worker still busy would later answer for a
+            # chunk no one waits for; it is stopped, and started afresh when next needed.
+            for a in busy:
+                self._kill(a)
+
+    def _serve(self, pending, tries, idle, busy, on_results, progress) -> None:
+        from multiprocessing.connection import wait
+
+        while pending or busy:
+            while pending and idle:
+                a = idle.pop(0)
+                try:
+                    if self._procs[a] is None:
+                        self._start(a)
+                        self._ready(a)
+                    self._conns[a].send(("run", pending[0][1]))
+                except OSError:  # it died while idle
+                    self._replace(a)
+                    idle.insert(0, a)
+                    continue
+                busy[a] = pending.popleft()
+            ready = wait([self._conns[a] for a in busy])
+            for a in [a for a in list(busy) if self._conns[a] in ready]:
+                i, chunk = busy.pop(a)
+                try:
+                    results = self._recv(a)
+                except (_WorkerDied, ExecutorError) as e:
+                    died = isinstance(e, _WorkerDied)
+                    err = f"died ({e})" if died else str(e)
+                    _count_failure(tries, i, chunk, f"worker {a}", died, err, self.max_retries,
+                                   self.log)  # fmt: skip
+                    if died:
+                        self._replace(a)
+                    pending.appendleft((i, chunk))
+                    idle.append(a)  # the others go first
+                    continue
+                on_results(chunk, results)
+                if progress is not None:
+                    progress(len(chunk))
+                idle.insert(0, a)
+
+    def model_changed(self) -> None:
+        pass  # the workers hold their own copies of the model
+
+    def model_updated(self, update: dict | None) -> None:
+        if update is None:
+            return
+        self._updates.append(update)  # a worker started later applies every update so far
+        live = [a for a in range(self.workers) if self._procs[a] is not None]
+        for a in live:
+            with contextlib.suppress(OSError):  # dead: its reply below says so
+                self._conns[a].send(("update", update))
+        for a in live:
+            try:
+                self._recv(a)
+            except _WorkerDied:
+                self._replace(a)
+
+    def _kill(self, a: int) -> None:
+        if self._procs[a] is not None:
+            self._procs[a].kill()
+            self._procs[a].join()
+            self._conns[a].close()
+            self._procs[a] = self._conns[a] = None
+
+    def _stop(self, a: int) -> None:
+        proc, conn = self._procs[a], self._conns[a]
+        if proc is None:
+            return
+        if proc.is_alive():
+            try:
+                conn.send(("close",))
+                if conn.poll(30):
+                    conn.recv()
+            except (OSError, EOFError):
+                pass
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        conn.close()
+        self._procs[a] = self._conns[a] = None
+
+    def close(self) -> None:
+        for a in range(len(self._procs)):
+            self._stop(a)
+
+
 def build_executor(kind: str, make_runner: Callable[[], Runner], spec=None, **kw) -> Executor:
-    """`inprocess` runs jobs on the driver's model; `ray` on Ray actors built from `spec`
-    (a WorkerSpec); keyword arguments go to RayExecutor."""
+    """`inprocess` runs jobs on the driver's model; `processes` on local worker processes and
+    `ray` on Ray actors, both built from `spec` (a WorkerSpec); keyword arguments go to
+    ProcessExecutor or RayExecutor."""
     if kind == "inprocess":
         return InProcessExecutor(make_runner)
+    if kind == "processes":
+        if spec is None:
+            raise ValueError("executor 'processes' needs a WorkerSpec")
+        return ProcessExecutor(spec, **kw)
     if kind == "ray":
         if spec is None:
             raise ValueError("executor 'ray' needs a WorkerSpec")
         return RayExecutor(spec, **kw)
-    raise ValueError(f"unknown executor {kind!r}; use inprocess or ray")
+    raise ValueError(f"unknown executor {kind!r}; use inprocess, processes or ray")

@@ -13,6 +13,7 @@ and never written; its own answers are computed once per passage and cached.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -23,7 +24,7 @@ from seal.domains.knowledge import Passage, answer_prompt_text
 from seal.executors import chunks_of_similar_cost
 from seal.generation import SamplingParams, decode, generate
 from seal.lora import ALL_LINEAR, LoRASpec, MultiLoRA
-from seal.training import AdapterJob, TrainHP, text_example, train_adapters
+from seal.training import CE_CHUNK_BYTES, AdapterJob, TrainHP, text_example, train_adapters
 
 
 @dataclass
@@ -127,7 +128,11 @@ def auto_capacity(
 
     Per adapter: fp32 weights, gradients and two AdamW moments (16 bytes a parameter), plus
     the activations of one row of `max_tokens` tokens kept for the backward pass (with
-    activation checkpointing: each layer's input, plus one layer's activations at a time)."""
+    activation checkpointing: each layer's input, plus one layer's activations at a time).
+    Per pass: the vocabulary projection's logits, which exist one chunk at a time
+    (training.linear_cross_entropy). A worker process of several on one machine
+    (executors.ProcessExecutor) counts only its share of the free memory
+    ($SEAL_MEMORY_SHARE)."""
     if limit is None:
         limit = 16 if device.type == "cuda" else 8
     cfg = model.config
@@ -136,8 +141,10 @@ def auto_capacity(
     per_param = 16 * spec.r * layers * (4 * 2 * hidden + 3 * (hidden + inter))
     per_layer = (12 * hidden + 3 * inter) * 2
     kept = (layers * hidden * 4 + per_layer) if checkpoint else layers * per_layer
-    act = max_tokens * kept + max_tokens * cfg.vocab_size * 8
-    k = int(0.5 * available_memory_bytes(device) // (per_param + act))
+    act = max_tokens * kept
+    share = float(os.environ.get("SEAL_MEMORY_SHARE") or 1.0)
+    budget = 0.5 * share * available_memory_bytes(device) - 3 * CE_CHUNK_BYTES
+    k = int(budget // (per_param + act))
     return max(1, min(limit, k))
 
 

@@ -120,18 +120,38 @@ class EvalConfig:
 
 @dataclass
 class ExecutorConfig:
-    """Where inner loops run: in this process, or on Ray actors (docs/scaling.md)."""
+    """Where inner loops run: in this process, on local worker processes, or on Ray actors
+    (docs/scaling.md)."""
 
-    kind: str = f("inprocess", "inprocess or ray (needs `pip install 'seal-lm[ray]'`)")
-    workers: int = f(0, "ray: actors (0 = one per GPU, or 1 on a CPU-only cluster)")
+    kind: str = f(
+        "inprocess",
+        "inprocess; processes (local workers: on a multi-core CPU, 1.3-1.5x the inner loops "
+        "per hour, docs/benchmarks.md); or ray (needs `pip install 'seal-lm[ray]'`)",
+    )
+    workers: int = f(
+        0,
+        "processes: workers (0 = one per CPU core, 1 on a GPU); "
+        "ray: actors (0 = one per GPU, or 1 on a CPU-only cluster)",
+    )
     address: str = f("", "ray: cluster to join ('auto', 'ray://host:10001'); '' starts a local one")
-    cpus_per_worker: float = f(0, "ray: CPUs per actor (0 = the cluster's CPUs / workers)")
+    cpus_per_worker: float = f(
+        0,
+        "processes: torch threads per worker (0 = the cores / workers); "
+        "ray: CPUs per actor (0 = the cluster's CPUs / workers)",
+    )
     gpus_per_worker: float = f(-1, "ray: GPUs per actor (-1 = 1 when the cluster has GPUs)")
-    max_retries: int = f(2, "ray: retries of a chunk of jobs whose actor died or failed")
+    max_retries: int = f(
+        2, "processes, ray: retries of a chunk of jobs whose worker died or failed"
+    )
 
     def validate(self) -> None:
-        _check(self.kind in ("inprocess", "ray"), "executor.kind", "must be inprocess or ray")
+        _check(
+            self.kind in ("inprocess", "processes", "ray"),
+            "executor.kind",
+            "must be inprocess, processes or ray",
+        )
         _check(self.workers >= 0, "executor.workers", "must be >= 0")
+        _check(self.cpus_per_worker >= 0, "executor.cpus_per_worker", "must be >= 0")
         _check(self.max_retries >= 0, "executor.max_retries", "must be >= 0")
 
 
@@ -632,6 +652,16 @@ def make_executor(cfg: RunConfig, domain: Domain, student, restored: list, log=p
         # Workers load the student from scratch: in self mode it carries the updates so far.
         updates=restored if not cfg.teacher_model else [],
     )
+    if e.kind == "processes":
+        return build_executor(
+            "processes",
+            None,
+            spec,
+            workers=e.workers,
+            threads_per_worker=int(e.cpus_per_worker),
+            max_retries=e.max_retries,
+            log=log,
+        )
     return build_executor(
         "ray",
         None,

@@ -158,7 +158,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_loss[:, None].to(grad_h.dtype), None, None, None
 
 
-def linear_cross_entropy(h, head: torch.nn.Linear, targets, chunk_bytes: int = 64 << 20):
+# The most fp32 logits `linear_cross_entropy` holds at once (besides their softmax's copy).
+CE_CHUNK_BYTES = 64 << 20
+
+
+def linear_cross_entropy(h, head: torch.nn.Linear, targets, chunk_bytes: int = CE_CHUNK_BYTES):
     """Per-token cross-entropy of the frozen vocabulary projection `head` applied to hidden
     states `h` ([tokens, hidden]); equal to `F.cross_entropy(head(h).float(), targets,
     reduction="none")` with its gradient, in chunks of at most `chunk_bytes` of logits."""
