@@ -465,7 +465,7 @@ def _run_on_workers(cfg: BenchConfig, jobs: list[KnowledgeJob], workers: int, lo
     jobs' seconds})."""
     import functools
 
-    from seal.executors import ProcessExecutor, WorkerSpec
+    from seal.executors import ProcessExecutor, WorkerSpec, balanced_capacity
 
     inner = to_dict(replace(cfg.inner_loop, capacity=cfg.capacity))
     spec = WorkerSpec(cfg.model, cfg.device, cfg.dtype, functools.partial(_bench_runner, inner))
@@ -473,14 +473,12 @@ def _run_on_workers(cfg: BenchConfig, jobs: list[KnowledgeJob], workers: int, lo
     ex = ProcessExecutor(spec, workers=workers, log=log)
     startup = time.time() - t0
     try:
-        # The bench's few self-edits in equal chunks, as many for every worker: a worker left
-        # with one more chunk than the others would time its tail alone.
-        rounds = -(-len(jobs) // (workers * ex.capacity))
-        ex.capacity = -(-len(jobs) // (workers * rounds))
+        # The chunks the executor cuts (equal shares per worker, see balanced_capacity).
+        cap = balanced_capacity(len(jobs), ex.capacity, workers)
         results: list = []
         timing = {"seconds": 0.0, "tokens": 0, "input_tokens": 0, "attention_pairs": 0}
         t0 = time.time()
-        step = ex.capacity * workers
+        step = cap * workers
         for at in range(0, len(jobs), step):
             if results and cfg.time_limit and time.time() - t0 >= cfg.time_limit:
                 break
@@ -505,7 +503,7 @@ def _run_on_workers(cfg: BenchConfig, jobs: list[KnowledgeJob], workers: int, lo
     extra = {
         "workers": workers,
         "threads_per_worker": ex.threads,
-        "capacity": ex.capacity,
+        "capacity": cap,
         "startup_seconds": round(startup, 1),
         "worker_peak_rss_gb": round(timing.pop("peak_rss_gb", 0.0), 2),
         "seconds": seconds,

@@ -341,6 +341,16 @@ def default_workers(device: str) -> int:
     return len(os.sched_getaffinity(0)) if on_cpu else 1
 
 
+def balanced_capacity(n_jobs: int, capacity: int, workers: int) -> int:
+    """The largest chunk size up to `capacity` that cuts `n_jobs` into as few rounds of
+    `workers` chunks as `capacity` allows, all chunks as equal as can be: a worker left with
+    one chunk more than the others (or none) would run its tail alone."""
+    if n_jobs <= 0:
+        return capacity
+    rounds = -(-n_jobs // (workers * capacity))
+    return max(1, -(-n_jobs // (workers * rounds)))
+
+
 def _process_worker(spec: WorkerSpec, threads: int, memory_share: float, conn) -> None:
     """A worker process: builds its worker, then serves the driver's requests ("run", jobs),
     ("update", update) and ("close",) until told to close or the driver goes away. Every
@@ -393,9 +403,14 @@ class ProcessExecutor:
     each running its own chunks of jobs with the batched multi-adapter loop and sizing its
     adapter batches from its share of the free memory.
 
-    Jobs are cut into the same chunks as in-process (`chunks_by_position`), each chunk goes to
-    the next idle worker and its results are handed to `on_results` as soon as they arrive;
-    results equal the in-process executor's computed on as many threads as a worker has. A
+    Jobs are cut into chunks as in-process (`chunks_by_position`), but no larger than gives
+    every worker an equal number of chunks (`balanced_capacity`: 9 jobs at capacity 9 on two
+    workers make chunks of 5 and 4, not one chunk and an idle worker); each chunk goes to the
+    next idle worker and its results are handed to `on_results` as soon as they arrive.
+    Where the chunks are the in-process executor's, the results equal its results computed on
+    as many threads as a worker has (elsewhere each adapter still trains as alone; only the
+    last bits of the arithmetic may differ). The chunks depend on the full job list, not on
+    what a resumed run skips, so resuming gives what an uninterrupted run gives. A
     worker that dies has its chunk retried on a fresh one, at most `max_retries` times; a
     chunk that keeps failing stops the run with ExecutorError naming its jobs and the error.
     Generator updates are sent to every worker; a worker started later applies them all."""
@@ -431,7 +446,7 @@ class ProcessExecutor:
         self.capacity = min(i["capacity"] for i in infos)
         log(
             f"[seal] process executor: {self.workers} worker(s) x {self.threads} thread(s) "
-            f"on {infos[0]['device']}, {self.capacity} inner loops per chunk"
+            f"on {infos[0]['device']}, up to {self.capacity} inner loops per chunk"
         )
 
     def _start(self, a: int) -> None:
@@ -473,10 +488,13 @@ class ProcessExecutor:
         self.restarts += 1
 
     def pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
+        """The live workers' process ids (a worker stopped by an aborted run restarts when
+        next needed)."""
+        return [p.pid for p in self._procs if p is not None]
 
     def run(self, jobs, on_results, progress=None, skip=frozenset()) -> None:
-        pending = deque(enumerate(chunks_by_position(jobs, self.capacity, skip)))
+        cap = balanced_capacity(len(jobs), self.capacity, self.workers)
+        pending = deque(enumerate(chunks_by_position(jobs, cap, skip)))
         tries: dict[int, int] = {}
         idle = list(range(self.workers))
         busy: dict[int, tuple[int, list[Job]]] = {}  # worker -> (chunk index, chunk)
