@@ -4,9 +4,13 @@ tiny model, and everything it computed without timings, to compare executors' ru
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from seal import rest_em
 from seal.config import from_dict, to_dict, validate_tree
@@ -75,3 +79,35 @@ def inprocess_reference(tmp_path_factory) -> dict:
     out = outcome(path)
     assert out["metrics"][1]["n_kept"] == 4 and out["metrics"][1]["sft"]["n_pairs"] == 4
     return out
+
+
+def run_with_a_killed_worker(tmp_path: Path, monkeypatch, executor: dict) -> dict:
+    """A run in which the first worker to start a chunk SIGKILLs itself (its chunk must be
+    retried on another): asserts the fault fired and was reported; returns the outcome."""
+    (tmp_path / "once").mkdir()
+    monkeypatch.setenv("SEAL_FAILPOINT", "worker_run")
+    monkeypatch.setenv("SEAL_FAILPOINT_ONCE", str(tmp_path / "once"))
+    logs: list[str] = []
+    run(tmp_path / "run", run_config(**executor), logs)
+    assert (tmp_path / "once" / "worker_run").exists()  # the fault did fire
+    assert any("died on jobs" in m for m in logs), logs
+    return outcome(tmp_path / "run")
+
+
+def kill_driver_then_resume(tmp_path: Path, executor: dict) -> dict:
+    """`python -m seal run` SIGKILLed after its first chunk, then `--resume`d: asserts the kill
+    left finished work and no metrics, and the resume succeeded; returns the outcome."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({**CONFIG, "executor": executor}))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SEAL_FAILPOINT": "after_chunk"}
+    cmd = [sys.executable, "-m", "seal", "run", str(cfg), "--run-dir", str(run_dir)]
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert len(read_jsonl(run_dir / "eval" / "round_0.jobs.jsonl")) >= 1
+    assert not (run_dir / "metrics.jsonl").exists()
+    env.pop("SEAL_FAILPOINT")
+    resume = [sys.executable, "-m", "seal", "run", "--resume", str(run_dir)]
+    resumed = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    return outcome(run_dir)

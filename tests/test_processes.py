@@ -1,29 +1,25 @@
 """The process executor (local worker processes, one thread each) with the tiny model: the
-same rewards and metrics as the in-process executor, a killed worker costs nothing, a
-persistent failure is reported with its jobs and the worker's error, and `seal bench` runs
-seal's mode on workers."""
+same rewards and metrics as the in-process executor, a killed worker costs nothing, a killed
+driver resumes, a persistent failure is reported with its jobs and the worker's error, chunks
+give every worker an equal share, and `seal bench` runs seal's mode on workers."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-import yaml
 from executor_runs import (
-    CONFIG,
     inprocess_reference,
+    kill_driver_then_resume,
     knowledge_runner_factory,
     outcome,
     run,
     run_config,
+    run_with_a_killed_worker,
 )
 
 from seal.domains.base import Job
 from seal.executors import ExecutorError, ProcessExecutor, WorkerSpec
-from seal.runs import read_jsonl
 
 PROCESSES = {"kind": "processes", "workers": 2, "cpus_per_worker": 1}
 
@@ -43,33 +39,13 @@ def test_process_run_equals_inprocess_run(reference, tmp_path):
 
 
 def test_killed_worker_loses_nothing(reference, tmp_path, monkeypatch):
-    # The first worker to start a chunk SIGKILLs itself; its chunk is retried on a fresh one.
-    (tmp_path / "once").mkdir()
-    monkeypatch.setenv("SEAL_FAILPOINT", "worker_run")
-    monkeypatch.setenv("SEAL_FAILPOINT_ONCE", str(tmp_path / "once"))
-    logs: list[str] = []
-    run(tmp_path / "run", run_config(**PROCESSES), logs)
-    assert (tmp_path / "once" / "worker_run").exists()  # the fault did fire
-    assert any("died on jobs" in m for m in logs), logs
-    assert outcome(tmp_path / "run") == reference
+    assert run_with_a_killed_worker(tmp_path, monkeypatch, PROCESSES) == reference
 
 
 def test_driver_sigkill_then_resume_from_the_command_line(reference, tmp_path):
     """`python -m seal run` with worker processes (spawned workers import the package, not
     the command line), killed after its first chunk, then resumed: nothing lost or changed."""
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({**CONFIG, "executor": PROCESSES}))
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SEAL_FAILPOINT": "after_chunk"}
-    cmd = [sys.executable, "-m", "seal", "run", str(cfg), "--run-dir", str(run_dir)]
-    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    assert len(read_jsonl(run_dir / "eval" / "round_0.jobs.jsonl")) >= 1
-    env.pop("SEAL_FAILPOINT")
-    resume = [sys.executable, "-m", "seal", "run", "--resume", str(run_dir)]
-    resumed = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert outcome(run_dir) == reference
+    assert kill_driver_then_resume(tmp_path, PROCESSES) == reference
 
 
 def test_persistent_failure_names_jobs_and_error():

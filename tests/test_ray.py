@@ -5,8 +5,6 @@ and a persistent failure is reported with its jobs and the worker's error."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -14,14 +12,15 @@ import yaml
 from executor_runs import (
     CONFIG,
     inprocess_reference,
+    kill_driver_then_resume,
     knowledge_runner_factory,
     outcome,
     run,
     run_config,
+    run_with_a_killed_worker,
 )
 
 from seal.domains.base import Job
-from seal.runs import read_jsonl
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs `pip install seal-lm[ray]`")
 
@@ -51,37 +50,11 @@ def test_ray_run_equals_inprocess_run(cluster, reference, tmp_path):
 
 
 def test_killed_worker_loses_nothing(cluster, reference, tmp_path, monkeypatch):
-    # The first worker to start a chunk SIGKILLs itself; its chunk must be retried elsewhere.
-    (tmp_path / "once").mkdir()
-    monkeypatch.setenv("SEAL_FAILPOINT", "worker_run")
-    monkeypatch.setenv("SEAL_FAILPOINT_ONCE", str(tmp_path / "once"))
-    logs: list[str] = []
-    run(tmp_path / "run", run_config(**RAY), logs)
-    assert (tmp_path / "once" / "worker_run").exists()  # the fault did fire
-    assert any("died on jobs" in m for m in logs), logs
-    assert outcome(tmp_path / "run") == reference
+    assert run_with_a_killed_worker(tmp_path, monkeypatch, RAY) == reference
 
 
 def test_driver_sigkill_then_resume(cluster, reference, tmp_path):
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({**CONFIG, "executor": {**RAY, "address": cluster}}))
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SEAL_FAILPOINT": "after_chunk"}
-    cmd = [sys.executable, "-m", "seal", "run", str(cfg), "--run-dir", str(run_dir)]
-    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    done_before = len(read_jsonl(run_dir / "eval" / "round_0.jobs.jsonl"))
-    assert done_before >= 1 and not (run_dir / "metrics.jsonl").exists()
-    env.pop("SEAL_FAILPOINT")
-    resumed = subprocess.run(
-        [sys.executable, "-m", "seal", "run", "--resume", str(run_dir)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert outcome(run_dir) == reference
+    assert kill_driver_then_resume(tmp_path, {**RAY, "address": cluster}) == reference
 
 
 def test_persistent_failure_names_jobs_and_error(cluster):
