@@ -412,18 +412,13 @@ def _run_mode(lm, cfg: BenchConfig, mode: str, jobs: list[KnowledgeJob], peak: f
     else:
         sub = jobs[: cfg.n]
         cap = 1 if mode == "capacity1" else cfg.capacity
-        inner = InnerLoop(lm, replace(cfg.inner_loop, capacity=cap))
-        timer = _TrainTimer()
-        results = []
-        with timer.patch():
-            for at in range(0, len(sub), inner.capacity):
-                if results and cfg.time_limit and time.time() - t0 >= cfg.time_limit:
-                    break
-                results += inner.run(sub[at : at + inner.capacity])
-        timer.n_adapter = inner.lora.n_params_per_adapter() if inner.lora is not None else 0
-        extra["capacity"] = inner.capacity
-        inner.close()
-        timing = timer.figures()
+        runner = BenchRunner(lm, replace(cfg.inner_loop, capacity=cap))
+        extra["capacity"] = runner.capacity
+        try:
+            results, timing = _in_steps(sub, runner.capacity, lambda s: [runner.run(s)], cfg, t0)
+        finally:
+            runner.close()
+        timing.pop("peak_rss_gb")  # this process's own figure is the bench's peak_rss_gb
     seconds = time.time() - t0
     acc = _accuracy(results, metric)
     entry = {
@@ -472,28 +467,17 @@ def _run_on_workers(cfg: BenchConfig, jobs: list[KnowledgeJob], workers: int, lo
     t0 = time.time()
     ex = ProcessExecutor(spec, workers=workers, log=log)
     startup = time.time() - t0
+
+    def on_workers(step: list[KnowledgeJob]) -> list[TimedResults]:
+        chunks: list = []
+        ex.run(step, lambda _chunk, res: chunks.append(res))
+        return chunks
+
     try:
         # The chunks the executor cuts (equal shares per worker, see balanced_capacity).
         cap = balanced_capacity(len(jobs), ex.capacity, workers)
-        results: list = []
-        timing = {"seconds": 0.0, "tokens": 0, "input_tokens": 0, "attention_pairs": 0}
         t0 = time.time()
-        step = cap * workers
-        for at in range(0, len(jobs), step):
-            if results and cfg.time_limit and time.time() - t0 >= cfg.time_limit:
-                break
-
-            def take(chunk, res):
-                results.extend(res)
-                for k, v in res.timing.items():
-                    if k == "n_adapter":
-                        timing[k] = v
-                    elif k == "peak_rss_gb":
-                        timing[k] = max(timing.get(k, 0.0), v)
-                    else:
-                        timing[k] += v
-
-            ex.run(jobs[at : at + step], take)
+        results, timing = _in_steps(jobs, cap * workers, on_workers, cfg, t0)
         seconds = time.time() - t0
     finally:
         ex.close()
@@ -505,10 +489,29 @@ def _run_on_workers(cfg: BenchConfig, jobs: list[KnowledgeJob], workers: int, lo
         "threads_per_worker": ex.threads,
         "capacity": cap,
         "startup_seconds": round(startup, 1),
-        "worker_peak_rss_gb": round(timing.pop("peak_rss_gb", 0.0), 2),
+        "worker_peak_rss_gb": round(timing.pop("peak_rss_gb"), 2),
         "seconds": seconds,
     }
     return results, timing, extra
+
+
+def _in_steps(jobs: list[KnowledgeJob], step: int, run_step, cfg: BenchConfig, t0: float):
+    """Runs `jobs` `step` at a time through `run_step` (jobs -> its chunks' TimedResults),
+    stopping after the step running when `cfg.time_limit` seconds from `t0` are up: the
+    results, and the chunks' training figures added up (see BenchRunner)."""
+    results: list = []
+    timing = {k: 0 for k in _TrainTimer().figures()} | {"peak_rss_gb": 0.0}
+    for at in range(0, len(jobs), step):
+        if results and cfg.time_limit and time.time() - t0 >= cfg.time_limit:
+            break
+        for chunk in run_step(jobs[at : at + step]):
+            results += chunk
+            for k, v in chunk.timing.items():
+                # a weight count and a peak are the same or the largest, the rest add up
+                timing[k] = (
+                    max(timing[k], v) if k in ("n_adapter", "peak_rss_gb") else timing[k] + v
+                )
+    return results, timing
 
 
 def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:

@@ -9,7 +9,7 @@ import contextlib
 import os
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from seal.domains.base import Job, Result, Runner
@@ -433,7 +433,7 @@ class ProcessExecutor:
         # can hang; a fresh interpreter costs a few seconds once per worker.
         self._mp = multiprocessing.get_context("spawn")
         self._updates = list(spec.updates)
-        self.spec = WorkerSpec(spec.model, spec.device, spec.dtype, spec.make_runner)
+        self.spec = replace(spec, updates=[])
         self._procs: list = [None] * self.workers
         self._conns: list = [None] * self.workers
         try:
@@ -451,8 +451,7 @@ class ProcessExecutor:
 
     def _start(self, a: int) -> None:
         parent, child = self._mp.Pipe()
-        spec = WorkerSpec(self.spec.model, self.spec.device, self.spec.dtype,
-                          self.spec.make_runner, list(self._updates))  # fmt: skip
+        spec = replace(self.spec, updates=list(self._updates))
         proc = self._mp.Process(
             target=_process_worker,
             args=(spec, self.threads, 1.0 / self.workers, child),
@@ -513,9 +512,8 @@ class ProcessExecutor:
             while pending and idle:
                 a = idle.pop(0)
                 try:
-                    if self._procs[a] is None:
-                        self._start(a)
-                        self._ready(a)
+                    if self._procs[a] is None:  # stopped by an aborted run
+                        self._replace(a)
                     self._conns[a].send(("run", pending[0][1]))
                 except OSError:  # it died while idle
                     self._replace(a)
@@ -567,10 +565,9 @@ class ProcessExecutor:
             self._procs[a] = self._conns[a] = None
 
     def _stop(self, a: int) -> None:
+        """Asks worker a to close (it unwraps its adapters), then makes sure it is gone."""
         proc, conn = self._procs[a], self._conns[a]
-        if proc is None:
-            return
-        if proc.is_alive():
+        if proc is not None and proc.is_alive():
             try:
                 conn.send(("close",))
                 if conn.poll(30):
@@ -578,11 +575,7 @@ class ProcessExecutor:
             except (OSError, EOFError):
                 pass
             proc.join(10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        conn.close()
-        self._procs[a] = self._conns[a] = None
+        self._kill(a)
 
     def close(self) -> None:
         for a in range(len(self._procs)):
