@@ -258,19 +258,17 @@ def test_train_stats_count_tokens_and_causal_pairs(tiny):
         assert st.tokens == 2 * sum(n - 1 for n in lengths)  # every next token is a target
 
 
-def test_packed_training_equals_unpacked(tiny, monkeypatch):
-    """Sequences of different adapters packed into shared rows (one wide row, or rows as wide
-    as the longest sequence) train exactly as when each has a padded row of its own (batch
-    size 2: an adapter's two sequences may be packed apart)."""
-    from seal import training
-    from seal.training import pack_rows, supports_packing
+def test_packed_training_equals_unpacked(tiny):
+    """Sequences of different adapters packed end to end into one row, each attending only
+    within itself (packed_attention.py), train exactly as when each has a padded row of its
+    own (batch size 2: an adapter's two sequences lie in one pass)."""
+    from seal.training import supports_packing
 
     assert supports_packing(tiny.model)
     tok = tiny.tokenizer
     hp = TrainHP(lr=5e-3, epochs=2, batch_size=2)
-    results, wide = [], training.PACK_WIDTH
-    for pack, width in ((True, wide), (True, 1), (False, wide)):
-        monkeypatch.setattr(training, "PACK_WIDTH", width)
+    results = []
+    for pack in (True, False):
         lora = MultiLoRA(tiny.model, 3, SPEC)
         jobs = []
         for slot, texts in enumerate(TEXTS):
@@ -279,15 +277,12 @@ def test_packed_training_equals_unpacked(tiny, monkeypatch):
         stats = train_adapters(tiny.model, lora, jobs, tok.pad_token_id, pack=pack)
         results.append(([s.losses for s in stats], [lora.state(s) for s in range(3)]))
         lora.remove()
-    (lb, sb) = results[-1]
-    for la, sa in results[:-1]:
-        torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
-        for a, b in zip(sa, sb, strict=True):
-            for k in a:
-                torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-    assert pack_rows([5, 2, 3, 1], width=1) == [[0], [2, 1], [3]]  # as wide as the longest
-    assert pack_rows([5, 2, 3, 1], width=6) == [[0, 3], [2, 1]]
-    assert pack_rows([5, 2, 3, 1]) == [[0, 2, 1, 3]]  # PACK_WIDTH
+    assert tiny.model.config._attn_implementation != "seal_packed"  # restored
+    (la, sa), (lb, sb) = results
+    torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
+    for a, b in zip(sa, sb, strict=True):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_cpu_training_takes_the_dense_route_and_trains_as_runs(tiny, monkeypatch):

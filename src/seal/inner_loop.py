@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from seal import grading
+from seal import grading, packed_attention
 from seal.domains.knowledge import Passage, answer_prompt_text
 from seal.executors import chunks_of_similar_cost
 from seal.generation import SamplingParams, decode, generate
@@ -127,8 +127,9 @@ def auto_capacity(
     add memory but measured no further speed).
 
     Per adapter: fp32 weights, gradients and two AdamW moments (16 bytes a parameter), plus
-    the activations of one row of `max_tokens` tokens kept for the backward pass (with
-    activation checkpointing: each layer's input, plus one layer's activations at a time).
+    the activations of one row of `max_tokens` tokens kept for the backward pass, attention
+    probabilities included (with activation checkpointing: each layer's input, plus one
+    layer's activations at a time).
     Per pass: the vocabulary projection's logits, which exist one chunk at a time
     (training.linear_cross_entropy). A worker process of several on one machine
     (executors.ProcessExecutor) counts only its share of the free memory
@@ -139,7 +140,7 @@ def auto_capacity(
     hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
     inter = getattr(cfg, "intermediate_size", 4 * hidden)
     per_param = 16 * spec.r * layers * (4 * 2 * hidden + 3 * (hidden + inter))
-    per_layer = (12 * hidden + 3 * inter) * 2
+    per_layer = (12 * hidden + 3 * inter) * 2 + packed_attention.bytes_per_token(cfg, max_tokens)
     kept = (layers * hidden * 4 + per_layer) if checkpoint else layers * per_layer
     act = max_tokens * kept
     share = float(os.environ.get("SEAL_MEMORY_SHARE") or 1.0)
