@@ -28,18 +28,18 @@ from transformers import AttentionInterface
 NAME = "seal_packed"
 
 # Buckets up to this many tokens wide go through `_causal_attention`, which keeps a
-# bucket's [heads, L, L] probabilities for the backward pass (6 bytes a score: see
-# `bytes_per_token`); wider ones through torch's fused kernel, whose memory is linear in L and
+# bucket's [heads, L, L] probabilities for the backward pass (see `bytes_per_token`); wider ones through torch's fused kernel, whose memory is linear in L and
 # which is no slower there (one sequence of 270 tokens: 7.3 against 7.0 ms, one core).
 WRITTEN_OUT_MAX_LEN = 256
 
 
 def bytes_per_token(config, max_len: int) -> int:
     """Memory per token and layer that packed attention keeps for the backward pass, for
-    sequences of up to `max_len` tokens: fp32 and bf16 probabilities of every head over at
-    most WRITTEN_OUT_MAX_LEN keys."""
+    sequences of up to `max_len` tokens: the probabilities of every head over at most
+    WRITTEN_OUT_MAX_LEN keys, in the model's dtype (counted at 2 bytes: a model trained in
+    fp32 on a CPU counts its activations at 2 bytes too, see `auto_capacity`)."""
     heads = getattr(config, "num_attention_heads", None) or 1
-    return 6 * heads * min(max_len, WRITTEN_OUT_MAX_LEN)
+    return 2 * heads * min(max_len, WRITTEN_OUT_MAX_LEN)
 
 
 # A bucket's attention (forward and backward) costs about CALL + n (SEQ + L^2) units for n
@@ -123,14 +123,41 @@ class _Current:
 _CURRENT = _Current()
 
 
+class _Attention(torch.autograd.Function):
+    """softmax(scale q k^T + mask) v for [B, M, d] queries and [B, L, d] keys and values,
+    keeping only the probabilities, in the values' dtype, for the backward pass (2 bytes a
+    score in bf16, where autograd would keep the fp32 softmax and its bf16 copy, 6)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        scores = torch.baddbmm(
+            mask.expand(q.shape[0], -1, -1), q.float(), k.float().mT, alpha=scale
+        )
+        p = torch.softmax(scores, -1).to(v.dtype)
+        ctx.save_for_backward(q, k, v, p)
+        ctx.scale = scale
+        return torch.bmm(p, v)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, p = ctx.saved_tensors
+        dv = torch.bmm(p.mT, g)
+        dp = torch.bmm(g, v.mT).float()
+        pf = p.float()
+        ds = (dp - (dp * pf).sum(-1, keepdim=True)).mul_(pf).mul_(ctx.scale)  # softmax backward
+        dq = torch.bmm(ds, k.float()).to(q.dtype)
+        dk = torch.bmm(ds.mT, q.float()).to(k.dtype)
+        return dq, dk, dv, None, None
+
+
 def _causal_attention(q, k, v, mask, scale):
     """Causal attention of n equal-length sequences: q [n, L, H, d], k and v [n, L, Hkv, d] ->
     [n L, H, d]; `mask` [g L, L] (fp32) adds -inf above the diagonal for each of the g = H /
-    Hkv query heads sharing a key head. Written out (two batched matmuls and a softmax)
-    because on a CPU torch's fused attention kernel takes 5-15 ms for the backward of a few
-    short sequences that this does, forward and backward, in 2-4 ms (docs/benchmarks.md).
-    Scores and softmax are fp32 (in bf16 a first token's large scores lose the rest), the
-    probabilities multiply the values in the values' dtype, as fused kernels do."""
+    Hkv query heads sharing a key head. Written out (`_Attention`: two batched matmuls and a
+    softmax) because on a CPU torch's fused attention kernel takes 5-15 ms for the backward
+    of a few short sequences that this does, forward and backward, in 2-4 ms
+    (docs/benchmarks.md). Scores and softmax are fp32 (in bf16 a first token's large scores
+    swamp the rest); the probabilities multiply the values in the values' dtype."""
     n, length, h, d = q.shape
     hkv = k.shape[2]
     g = h // hkv
@@ -138,10 +165,7 @@ def _causal_attention(q, k, v, mask, scale):
     qg = q.view(n, length, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(n * hkv, g * length, d)
     kg = k.permute(0, 2, 1, 3).reshape(n * hkv, length, d)
     vg = v.permute(0, 2, 1, 3).reshape(n * hkv, length, d)
-    scores = torch.baddbmm(
-        mask.expand(n * hkv, -1, -1), qg.float(), kg.float().transpose(1, 2), alpha=scale
-    )
-    out = torch.bmm(torch.softmax(scores, -1).to(v.dtype), vg)
+    out = _Attention.apply(qg, kg, vg, mask, scale)
     return out.view(n, hkv, g, length, d).permute(0, 3, 1, 2, 4).reshape(n * length, h, d)
 
 
