@@ -84,7 +84,7 @@ class Segments:
         self.n_tokens = n_tokens
         self.longest = max(lengths)
         self.buckets = []  # (sequences, padded length, gather index on the device)
-        back = [0] * n_tokens  # where each token's output lands in the buckets' outputs
+        back = [-1] * n_tokens  # where each token's output lands in the buckets' outputs
         at = 0
         for members in _buckets(lengths):
             width = max(lengths[i] for i in members)
@@ -99,11 +99,7 @@ class Segments:
         # tokens outside every sequence (row padding) get zeros, one row past the buckets'
         self.has_padding = sum(lengths) < n_tokens
         if self.has_padding:
-            covered = set()
-            for s, n in zip(starts, lengths, strict=True):
-                covered.update(range(s, s + n))
-            for i in set(range(n_tokens)) - covered:
-                back[i] = at
+            back = [at if i < 0 else i for i in back]
         self.back = torch.tensor(back, device=device)
         self.device = device
         self._masks: dict = {}

@@ -278,9 +278,9 @@ def train_adapters(
     """Train each job's adapter slot; adapters are independent, as if trained one by one.
 
     Slots must have been `reset` by the caller. Each pass trains every unfinished adapter on
-    its next batch (packed into one row on a CPU); every adapter's own sequence of batches, learning
-    rates and optimizer steps is exactly what it would be alone. Returns per-job loss curves
-    and token counts."""
+    its next batch (packed into one row on a CPU); every adapter's own sequence of batches,
+    learning rates and optimizer steps is exactly what it would be alone. Returns per-job loss
+    curves and token counts."""
     check_jobs(jobs)
     device = next(model.parameters()).device
     if cuda_graphs and device.type == "cuda":
