@@ -83,6 +83,7 @@ def test_bench_keeps_figures_of_finished_modes():
     seen = []
     cfg = BenchConfig(
         model="tiny-random", n=1, modes=("sequential", "seal"), sample_passages=0, workers=1,
+        isolate=False,
         inner_loop=InnerLoopConfig(epochs=1, max_new_tokens=4),
     )  # fmt: skip
     res = run_bench(cfg, log=lambda *_: None, on_mode=lambda r: seen.append(list(r["modes"])))
@@ -100,7 +101,7 @@ def test_time_limit_stops_a_mode_after_the_running_self_edit_or_group():
     self-edit one at a time; the whole group in seal mode) and reports rates over that."""
     cfg = BenchConfig(
         model="tiny-random", n=3, modes=("sequential", "capacity1", "seal"), sample_passages=0,
-        capacity=3, time_limit=1e-9, workers=1,
+        capacity=3, time_limit=1e-9, workers=1, isolate=False,
         inner_loop=InnerLoopConfig(epochs=1, max_new_tokens=4),
     )  # fmt: skip
     res = run_bench(cfg, log=lambda *_: None)
@@ -128,7 +129,7 @@ def test_repeats_alternate_the_order_and_report_each_modes_median_round():
     lines = []
     cfg = BenchConfig(
         model="tiny-random", n=1, n_reference=1, ref_pad=64, sample_passages=0, repeats=3,
-        modes=("reference", "sequential", "seal"), workers=1,
+        modes=("reference", "sequential", "seal"), workers=1, isolate=False,
         inner_loop=InnerLoopConfig(epochs=1, max_new_tokens=4),
     )  # fmt: skip
     res = run_bench(cfg, log=lines.append)
@@ -172,3 +173,22 @@ def test_freed_heap_memory_goes_back_to_the_system():
     assert held - base > 150
     assert held - after > 100, (base, held, after)
     del kept
+
+
+def test_isolated_modes_give_the_figures_of_modes_run_in_this_process():
+    """On a CPU each mode can run in a fresh process of its own: same self-edits, answers
+    (so accuracy) and training figures as in this process, with that process's peak RSS."""
+    kw = dict(
+        model="tiny-random", n=2, modes=("sequential", "seal_inprocess"), sample_passages=0,
+        workers=1, inner_loop=InnerLoopConfig(epochs=1, max_new_tokens=4),
+    )  # fmt: skip
+    here = run_bench(BenchConfig(**kw, isolate=False), log=lambda *_: None)["modes"]
+    res = run_bench(BenchConfig(**kw, isolate=True), log=lambda *_: None)
+    fresh = res["modes"]
+    for mode in ("sequential", "seal_inprocess"):
+        assert fresh[mode]["accuracy"] == here[mode]["accuracy"]
+        assert fresh[mode]["self_edits"] == here[mode]["self_edits"] == 2
+        assert 0 < fresh[mode]["process_peak_rss_gb"] <= res["peak_rss_gb"]
+        assert "process_peak_rss_gb" not in here[mode]
+    for key in ("train_tokens", "train_input_tokens", "train_gflops"):
+        assert fresh["seal_inprocess"][key] == here["seal_inprocess"][key]

@@ -28,12 +28,14 @@ run in the model's dtype, peak RSS, and self-edit sampling tokens per second. Th
 keep the loss off the padding (the reference code's loss on padding is an accident that
 changes results, not a cost).
 
-With `repeats=R`, every mode but reference (and ray) runs R times, the order reversed every
-other round, and reports its median round: modes run minutes apart, and a shared machine's
-speed drifts by tens of percent over that (docs/benchmarks.md), which one round per mode
-puts straight into the ratios. The first round stays the conservative one: on a CPU, modes
-run after the batched loop in the same process were measured ~25% slower (docs/benchmarks.md;
-seal's mode on worker processes leaves this process as it was, seal_inprocess does not).
+On a CPU every mode runs in a fresh process of its own (`isolate`; seal's mode already runs
+on fresh worker processes): in one process, a mode run after another was measured 10-25%
+slower than in a fresh one (its own work, not page faults or a changed model;
+docs/benchmarks.md), which flattered the ratios of whatever ran later. Each such process
+loads the model before its mode's clock starts. With `repeats=R`, every mode but reference
+(and ray) runs R times, the order reversed every other round, and reports its median round:
+modes run minutes apart, and a shared machine's speed drifts by tens of percent over that,
+which one round per mode puts straight into the ratios.
 """
 
 from __future__ import annotations
@@ -114,6 +116,11 @@ class BenchConfig:
         "seal mode: local worker processes, each with its own model copy and chunks of "
         "self-edits (0 = one per CPU core on a CPU, 1 on a GPU; 1 = this process); their "
         "start-up is timed apart",
+    )
+    isolate: bool = f(
+        True,
+        "on a CPU, run each mode in a fresh process of its own (its model loaded before its "
+        "clock starts), so that no mode runs in a heap and caches another mode left behind",
     )
     ray_workers: tuple[int, ...] = f((1, 2), "ray mode: worker counts to measure")
     ray_cpus_per_worker: float = f(0, "ray mode: CPUs per worker (0 = CPUs / most workers)")
@@ -407,13 +414,44 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def _mode_workers(cfg: BenchConfig, mode: str, device: torch.device, jobs: list) -> int:
+    """Processes a mode runs on: seal's as many workers as asked (or cores), but no more than
+    self-edits; every other mode one."""
+    if mode != "seal":
+        return 1
+    return max(1, min(cfg.workers or default_workers(device.type), cfg.n, len(jobs)))
+
+
+def _run_mode_isolated(cfg: BenchConfig, mode: str, jobs: list[KnowledgeJob], peak: float, log):
+    """`_run_mode` in a fresh process (spawned, its own model copy, the same torch threads):
+    its figures, plus that process's peak RSS (`process_peak_rss_gb`)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        args = (cfg, mode, jobs, peak, torch.get_num_threads())
+        entry, lines = ex.submit(_mode_in_fresh_process, *args).result()
+    for line in lines:
+        log(line)
+    return entry
+
+
+def _mode_in_fresh_process(cfg: BenchConfig, mode: str, jobs: list, peak: float, threads: int):
+    from seal.models import load_model
+
+    torch.set_num_threads(threads)
+    lines: list[str] = []
+    lm = load_model(cfg.model, cfg.device, cfg.dtype, progress=lambda *_: None)
+    entry = _run_mode(lm, cfg, mode, jobs, peak, lines.append)
+    entry["process_peak_rss_gb"] = round(_own_peak_rss_gb(), 2)
+    return entry, lines
+
+
 def _run_mode(lm, cfg: BenchConfig, mode: str, jobs: list[KnowledgeJob], peak: float, log) -> dict:
-    """One timed round of one mode over `jobs`; its figures."""
+    """One timed round of one mode over `jobs` in this process; its figures."""
     release_freed_memory()
     metric = cfg.inner_loop.reward_metric
-    # seal's mode: as many workers as asked (or cores), but no more than self-edits.
-    workers = cfg.workers or default_workers(lm.device.type) if mode == "seal" else 1
-    workers = max(1, min(workers, cfg.n, len(jobs)))
+    workers = _mode_workers(cfg, mode, lm.device, jobs)
     extra: dict = {}
     t0 = time.time()
     if mode in ("reference", "sequential"):
@@ -573,7 +611,12 @@ def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:
             if mode == "ray":
                 res["ray"] = run_ray_scaling(cfg, jobs[: cfg.n], log)
             else:
-                entry = _run_mode(lm, cfg, mode, jobs, peak, log)
+                # seal's mode on workers runs on fresh processes already.
+                fresh = cfg.isolate and lm.device.type == "cpu"
+                if fresh and _mode_workers(cfg, mode, lm.device, jobs) == 1:
+                    entry = _run_mode_isolated(cfg, mode, jobs, peak, log)
+                else:
+                    entry = _run_mode(lm, cfg, mode, jobs, peak, log)
                 rounds.setdefault(mode, []).append(entry)
                 acc = entry["accuracy"]
                 n = min(len(jobs), cfg.n_reference if mode == "reference" else cfg.n)
@@ -612,7 +655,14 @@ def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:
     res["mfu"] = m.get("seal", {}).get("mfu")
     if cfg.sample_passages:
         res["sampling_tokens_per_s"] = _sampling_speed(lm, passages[: cfg.sample_passages], cfg)
-    res["peak_rss_gb"] = round(peak_rss_gb(), 2)
+    # The largest process's: this one's, or a mode's own process's.
+    res["peak_rss_gb"] = round(
+        max(
+            [peak_rss_gb()]
+            + [e.get("process_peak_rss_gb", 0) for es in rounds.values() for e in es]
+        ),
+        2,
+    )
     if lm.device.type == "cuda":
         res["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(lm.device) / 1e9, 2)
     res["complete"] = True
