@@ -427,10 +427,17 @@ def _run_mode_isolated(cfg: BenchConfig, mode: str, jobs: list[KnowledgeJob], pe
     its figures, plus that process's peak RSS (`process_peak_rss_gb`)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
         args = (cfg, mode, jobs, peak, torch.get_num_threads())
-        entry, lines = ex.submit(_mode_in_fresh_process, *args).result()
+        try:
+            entry, lines = ex.submit(_mode_in_fresh_process, *args).result()
+        except BrokenProcessPool as e:
+            raise RuntimeError(
+                f"bench mode {mode!r} died in its own process (killed for memory?); the "
+                "modes before it kept their figures; `isolate=false` runs it in this process"
+            ) from e
     for line in lines:
         log(line)
     return entry
