@@ -68,11 +68,16 @@ def test_bench_writes_every_figure(tmp_path):
     ):
         assert res[key] > 0
     assert 0 < res["mfu"] < 1
+    # what PyTorch reaches on the frozen base alone, on passes of seal's mean length
+    assert 0 < res["frozen_base_mfu"] < 1 and res["frozen_base_tokens"] >= 2
+    assert res["modes"]["seal"]["train_passes"] > 0
     assert res["peak_rss_gb"] > 0 and res["sampling_tokens_per_s"] > 0
     assert res["modes"]["seal"]["train_gflops"] > 0
     # seal's mode ran on a worker process per core, at most one per self-edit (this process
     # when that is one)
     assert res["modes"]["seal"].get("workers", 1) == min(2, len(os.sched_getaffinity(0)))
+    # the peak RSS is the largest process's, the workers' included
+    assert res["modes"]["seal"].get("worker_peak_rss_gb", 0) <= res["peak_rss_gb"]
     assert 0 < res["modes"]["seal_inprocess"]["mfu"] < 1
     assert res["complete"] is True
     assert res["inner_loop"]["epochs"] == 1 and res["inner_loop"]["max_new_tokens"] == 4
@@ -192,3 +197,17 @@ def test_isolated_modes_give_the_figures_of_modes_run_in_this_process():
         assert "process_peak_rss_gb" not in here[mode]
     for key in ("train_tokens", "train_input_tokens", "train_gflops"):
         assert fresh["seal_inprocess"][key] == here["seal_inprocess"][key]
+
+
+def test_frozen_base_mfu_leaves_the_model_and_threads_as_they_were(tiny):
+    """The ceiling figure runs the bare model forward and back to its inputs only: no weight
+    gradient is made, and the model's trainable flags and this process's threads come back."""
+    from seal.bench import frozen_base_mfu
+
+    flags = [p.requires_grad for p in tiny.model.parameters()]
+    threads = torch.get_num_threads()
+    mfu = frozen_base_mfu(tiny, 24, peak=1e12, threads=1, share=2, repeats=2)
+    assert 0 < mfu < 1
+    assert [p.requires_grad for p in tiny.model.parameters()] == flags
+    assert all(p.grad is None for p in tiny.model.parameters())
+    assert torch.get_num_threads() == threads

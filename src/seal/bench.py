@@ -24,7 +24,9 @@ It prints self-edit evaluations per hour, the ratios c/a and c/b (and c/capacity
 c/seal_inprocess: what the worker processes add), the
 post-adaptation accuracy of each with its 95% CI (speed must not change the result), the
 model FLOPs utilisation of seal's training passes against a matmul peak measured in the same
-run in the model's dtype, peak RSS, and self-edit sampling tokens per second. The PEFT modes
+run in the model's dtype (beside it, for scale, `frozen_base_mfu`: what PyTorch itself reaches
+running the frozen base alone, no adapters, forward and back over passes of the same length),
+peak RSS, and self-edit sampling tokens per second. The PEFT modes
 keep the loss off the padding (the reference code's loss on padding is an accident that
 changes results, not a cost).
 
@@ -181,6 +183,43 @@ def training_flops(
         + loss_tokens * 4 * head.numel()
         + attention_pairs * attention_flops_per_pair(model.config)
     )
+
+
+def frozen_base_mfu(lm, tokens: int, peak: float, threads: int, share: int, repeats: int = 5):
+    """What PyTorch itself reaches on this model: the MFU of the frozen base model alone (no
+    adapters, no optimizer; its own forward, causal attention and loss) run forward and back
+    to its inputs over one sequence of `tokens` tokens on `threads` threads, counted as
+    `training_flops` counts seal's passes, against `peak / share` (seal's mode runs `share`
+    workers side by side). The median of `repeats` timed passes after two warm-up ones. A
+    ceiling for seal's own MFU: its passes do this and the adapters' work besides."""
+    model, device = lm.model, lm.device
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=gen).to(device)
+    embed = model.get_input_embeddings()
+    times = []
+    try:
+        for i in range(2 + repeats):
+            x = embed(ids).detach().requires_grad_(True)
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.enable_grad():
+                model(inputs_embeds=x, labels=ids).loss.backward()
+            _sync(device)
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+    seconds = sorted(times)[len(times) // 2]
+    # HF's loss predicts tokens 1..T-1 from 0..T-2; every position still goes through the head.
+    flops = training_flops(model, 0, tokens, tokens, tokens * (tokens + 1) // 2)
+    return flops / seconds / (peak / share)
 
 
 def attention_flops_per_pair(config) -> int:
@@ -505,6 +544,7 @@ def _run_mode(lm, cfg: BenchConfig, mode: str, jobs: list[KnowledgeJob], peak: f
             train_seconds=round(timing["seconds"], 2),
             train_tokens=timing["tokens"],
             train_input_tokens=timing["input_tokens"],
+            train_passes=timing["passes"],
             train_gflops=round(flops / 1e9, 1),
             train_attention_gflops=round(attn / 1e9, 1),
             mfu=round(flops / train_s / peak, 3) if train_s else None,
@@ -660,13 +700,32 @@ def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:
             for b, c in zip(rounds["sequential"], rounds["seal"], strict=True)
         ]
     res["mfu"] = m.get("seal", {}).get("mfu")
+    seal = m.get("seal", {})
+    if seal.get("train_passes"):
+        # The same figure for the frozen base alone, on passes of seal's mean length.
+        tokens = max(2, round(seal["train_input_tokens"] / seal["train_passes"]))
+        workers = seal.get("workers", 1)
+        threads = seal.get("threads_per_worker", torch.get_num_threads())
+        res["frozen_base_mfu"] = round(
+            frozen_base_mfu(lm, tokens, peak, threads, workers if workers > 1 else 1), 3
+        )
+        res["frozen_base_tokens"] = tokens
+        log(
+            f"[bench] MFU of seal's training {_pct(res['mfu'])}%; the frozen base alone (PyTorch "
+            f"forward + backward, {tokens} tokens, no adapters) {_pct(res['frozen_base_mfu'])}%"
+        )
     if cfg.sample_passages:
         res["sampling_tokens_per_s"] = _sampling_speed(lm, passages[: cfg.sample_passages], cfg)
-    # The largest process's: this one's, or a mode's own process's.
+    # The largest process's: this one's, a mode's own process's or one of its workers'.
     res["peak_rss_gb"] = round(
         max(
             [peak_rss_gb()]
-            + [e.get("process_peak_rss_gb", 0) for es in rounds.values() for e in es]
+            + [
+                e.get(key, 0)
+                for es in rounds.values()
+                for e in es
+                for key in ("process_peak_rss_gb", "worker_peak_rss_gb")
+            ]
         ),
         2,
     )
@@ -779,6 +838,7 @@ class _TrainTimer:
 
     def __init__(self):
         self.seconds, self.tokens, self.input_tokens, self.attention_pairs = 0.0, 0, 0, 0
+        self.passes = 0  # forward/backward passes (a call's adapters share its passes)
         self.n_adapter = 0  # LoRA weights per adapter, set by the caller
 
     def figures(self) -> dict:
@@ -787,6 +847,7 @@ class _TrainTimer:
             "tokens": self.tokens,
             "input_tokens": self.input_tokens,
             "attention_pairs": self.attention_pairs,
+            "passes": self.passes,
             "n_adapter": self.n_adapter,
         }
 
@@ -804,6 +865,7 @@ class _TrainTimer:
             self.tokens += sum(s.tokens for s in stats_)  # loss tokens
             self.input_tokens += sum(s.input_tokens for s in stats_)  # tokens run, no padding
             self.attention_pairs += sum(s.attention_pairs for s in stats_)
+            self.passes += max((s.steps for s in stats_), default=0)
             return stats_
 
         @contextlib.contextmanager

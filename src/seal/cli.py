@@ -268,8 +268,10 @@ def cmd_bench(args) -> int:
                     "speedup_vs_capacity1",
                     "speedup_vs_seal_inprocess",
                     "mfu",
+                    "frozen_base_mfu",
                     "peak_rss_gb",
                 )
+                if k in res
             },
             indent=1,
         )
