@@ -1,4 +1,4 @@
-from seal.cli import main
+from seal.cli import entry
 
 if __name__ == "__main__":  # not when a spawned worker process imports it
-    raise SystemExit(main())
+    raise SystemExit(entry())

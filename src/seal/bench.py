@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from seal import grading, stats
+from seal import allocator, grading, stats
 from seal.config import f, from_dict, to_dict
 from seal.domains.knowledge import (
     PROMPTS,
@@ -141,23 +141,36 @@ class BenchConfig:
 
 
 def matmul_peak_flops(
-    dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 1.0, repeats: int = 3
+    dtype: torch.dtype,
+    device: torch.device,
+    sizes: tuple[int, ...] = (1024, 1536, 2048),
+    seconds: float = 1.0,
+    repeats: int = 2,
 ) -> float:
     """Measured dense matmul throughput (FLOP/s) in `dtype` on `device`: the best of
-    `repeats` timed loops (a peak; single loops vary by 10-15% on a shared CPU)."""
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    for _ in range(2):
-        a @ b
+    `repeats` timed loops of square products for each size in `sizes` (a peak; single loops
+    vary by 10-15% on a shared CPU). Each product goes into one preallocated output, and the
+    sizes include ones whose work buffers stay under 8 MB in bf16 and in fp32: jemalloc
+    (allocator.py) hands blocks of 8 MB and more straight back to the system, so a loop of
+    2,048^2 bf16 products, which allocates such buffers per call, read 1,540-1,640 GFLOP/s
+    under it against 2,290-2,460 under glibc's malloc on the same cores, while 1,536^2 read
+    2,580-2,610 under either; over these three sizes both read 2,510-2,570 in bf16 and 388-389
+    in fp32 (docs/benchmarks.md, session 13)."""
     best = 0.0
-    for _ in range(repeats):
-        _sync(device)
-        t0, k = time.perf_counter(), 0
-        while time.perf_counter() - t0 < seconds:
-            a @ b
-            k += 1
-        _sync(device)
-        best = max(best, 2 * n**3 * k / (time.perf_counter() - t0))
+    for n in sizes:
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
+        c = torch.empty(n, n, dtype=dtype, device=device)
+        for _ in range(2):
+            torch.mm(a, b, out=c)
+        for _ in range(repeats):
+            _sync(device)
+            t0, k = time.perf_counter(), 0
+            while time.perf_counter() - t0 < seconds:
+                torch.mm(a, b, out=c)
+                k += 1
+            _sync(device)
+            best = max(best, 2 * n**3 * k / (time.perf_counter() - t0))
     return best
 
 
@@ -637,6 +650,8 @@ def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:
         "device": str(lm.device),
         "dtype": str(lm.dtype),
         "threads": torch.get_num_threads(),
+        # inherited by the modes' own processes and seal's workers (see allocator.py)
+        "allocator": allocator.describe(),
         "n_self_edits": len(jobs),
         "epochs": cfg.inner_loop.epochs,
         "inner_loop": to_dict(cfg.inner_loop),  # every setting the figures were measured with

@@ -363,6 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def entry() -> int:
+    """The `seal` command: re-executed once on jemalloc where there is one (allocator.py:
+    glibc's malloc slows a process down after a batched inner loop), then `main`."""
+    from seal import allocator
+
+    allocator.reexec_with_jemalloc(sys.argv[1:])
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may come before or after options; argparse takes positionals in one

@@ -66,6 +66,24 @@ def checks(judge_url: str = "", api_key_env: str = "OPENAI_API_KEY") -> list[tup
         from seal.executors import RAY_INSTALL
 
         out.append(("ray (optional)", True, f"not installed; for executor.kind=ray: {RAY_INSTALL}"))
+    from seal import allocator
+
+    try:
+        lib = allocator.library()
+        detail = allocator.describe() + (
+            ""
+            if allocator.loaded() or lib is None
+            else f"; the `seal` command runs on jemalloc ({lib})"
+        )
+        if lib is None and not allocator.loaded():
+            detail += (
+                f" ({allocator.ENV}=system)"
+                if allocator.chose_system()
+                else f" (no jemalloc found; {allocator.ENV}=/path/to/libjemalloc.so names one)"
+            )
+        out.append(("memory allocator", True, detail))
+    except FileNotFoundError as e:
+        out.append(("memory allocator", False, str(e)))
     from seal.models import cache_root, describe_presets
 
     for row in describe_presets():
