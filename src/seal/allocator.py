@@ -4,9 +4,9 @@ A training pass allocates and frees thousands of tensors; on glibc's malloc, a p
 has run seal's batched inner loop is left with a heap that makes every later allocation
 slower: measured on SmolLM2 (docs/benchmarks.md, session 13), a bf16 linear layer took 13-30%
 longer, a forward pass 17-28% and small elementwise ops 29-45% after one in-process loop than
-before it, and the sequential PEFT loop 22% longer, with the model, threads and torch's state
+before it, and the sequential PEFT loop 15-22% longer, with the model, threads and torch's state
 unchanged. jemalloc does not degrade that way and is faster from the start (the in-process
-loop 5.95 against 6.62-6.77 s per self-edit).
+loop 5.95 against 6.62-7.33 s per self-edit).
 
 jemalloc cannot be switched to once a process runs, so `seal`'s command line re-executes
 itself once with jemalloc preloaded (`reexec_with_jemalloc`); the worker processes it spawns

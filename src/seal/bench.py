@@ -31,9 +31,10 @@ keep the loss off the padding (the reference code's loss on padding is an accide
 changes results, not a cost).
 
 On a CPU every mode runs in a fresh process of its own (`isolate`; seal's mode already runs
-on fresh worker processes): in one process, a mode run after another was measured 10-25%
-slower than in a fresh one (its own work, not page faults or a changed model;
-docs/benchmarks.md), which flattered the ratios of whatever ran later. Each such process
+on fresh worker processes): in one process on glibc's malloc, a mode run after another was
+measured 10-25% slower than in a fresh one (glibc's heap after seal's loop slows every
+allocation; the `seal` command now runs on jemalloc, allocator.py, docs/benchmarks.md),
+which flattered the ratios of whatever ran later. Each such process
 loads the model before its mode's clock starts. With `repeats=R`, every mode but reference
 (and ray) runs R times, the order reversed every other round, and reports its median round:
 modes run minutes apart, and a shared machine's speed drifts by tens of percent over that,
