@@ -145,7 +145,7 @@ def matmul_peak_flops(
     dtype: torch.dtype,
     device: torch.device,
     sizes: tuple[int, ...] = (1024, 1536, 2048),
-    seconds: float = 1.0,
+    seconds: float = 0.5,
     repeats: int = 2,
 ) -> float:
     """Measured dense matmul throughput (FLOP/s) in `dtype` on `device`: the best of
@@ -155,7 +155,7 @@ def matmul_peak_flops(
     (allocator.py) hands blocks of 8 MB and more straight back to the system, so a loop of
     2,048^2 bf16 products, which allocates such buffers per call, read 1,540-1,640 GFLOP/s
     under it against 2,290-2,460 under glibc's malloc on the same cores, while 1,536^2 read
-    2,580-2,610 under either; over these three sizes both read 2,510-2,570 in bf16 and 388-389
+    2,580-2,610 under either; over these three sizes both read 2,510-2,770 in bf16 and 388-416
     in fp32 (docs/benchmarks.md, session 13)."""
     best = 0.0
     for n in sizes:
