@@ -10,8 +10,9 @@ loop 5.95 against 6.62-7.33 s per self-edit).
 
 jemalloc cannot be switched to once a process runs, so `seal`'s command line re-executes
 itself once with jemalloc preloaded (`reexec_with_jemalloc`); the worker processes it spawns
-inherit it. The library comes with Ray, a pinned dependency (`ray/core/libjemalloc.so`), so
-nothing is built or downloaded; `SEAL_MALLOC=/path/to/lib.so` names another one and
+inherit it. The library comes with Ray (`ray/core/libjemalloc.so`; pinned in
+requirements.lock, which `make` installs, and the `ray` extra), so nothing is built or
+downloaded; without Ray the system's allocator stays; `SEAL_MALLOC=/path/to/lib.so` names another one and
 `SEAL_MALLOC=system` keeps the system's allocator. Python code that imports seal as a
 library keeps the allocator its own process started with (run it under
 `LD_PRELOAD=$(python -c 'import seal.allocator as a; print(a.library())')` for the same
