@@ -715,15 +715,14 @@ def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:
             round(b["seconds_per_eval"] / c["seconds_per_eval"], 2)
             for b, c in zip(rounds["sequential"], rounds["seal"], strict=True)
         ]
-    res["mfu"] = m.get("seal", {}).get("mfu")
     seal = m.get("seal", {})
+    res["mfu"] = seal.get("mfu")
     if seal.get("train_passes"):
         # The same figure for the frozen base alone, on passes of seal's mean length.
         tokens = max(2, round(seal["train_input_tokens"] / seal["train_passes"]))
-        workers = seal.get("workers", 1)
         threads = seal.get("threads_per_worker", torch.get_num_threads())
         res["frozen_base_mfu"] = round(
-            frozen_base_mfu(lm, tokens, peak, threads, workers if workers > 1 else 1), 3
+            frozen_base_mfu(lm, tokens, peak, threads, seal.get("workers", 1)), 3
         )
         res["frozen_base_tokens"] = tokens
         log(

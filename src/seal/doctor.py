@@ -70,20 +70,18 @@ def checks(judge_url: str = "", api_key_env: str = "OPENAI_API_KEY") -> list[tup
 
     try:
         lib = allocator.library()
-        detail = allocator.describe() + (
-            ""
-            if allocator.loaded() or lib is None
-            else f"; the `seal` command runs on jemalloc ({lib})"
-        )
-        if lib is None and not allocator.loaded():
-            detail += (
-                f" ({allocator.ENV}=system)"
-                if allocator.chose_system()
-                else f" (no jemalloc found; {allocator.ENV}=/path/to/libjemalloc.so names one)"
-            )
-        out.append(("memory allocator", True, detail))
     except FileNotFoundError as e:
         out.append(("memory allocator", False, str(e)))
+    else:
+        if allocator.loaded():
+            detail = allocator.describe()
+        elif lib is not None:
+            detail = f"system malloc; the `seal` command runs on jemalloc ({lib})"
+        elif allocator.chose_system():
+            detail = f"system malloc ({allocator.ENV}=system)"
+        else:
+            detail = f"system malloc (no jemalloc found; {allocator.ENV}=/path/to/libjemalloc.so names one)"
+        out.append(("memory allocator", True, detail))
     from seal.models import cache_root, describe_presets
 
     for row in describe_presets():
