@@ -151,3 +151,111 @@ def test_prefill_gives_the_vocabulary_projection_a_contiguous_input(tiny):
         assert seen == [wrapped]
     torch.testing.assert_close(outs[0], outs[1])
     assert not model.get_output_embeddings()._forward_pre_hooks
+
+
+def _spy_widths(model, monkeypatch) -> list:
+    """The input shape of every forward pass of `model` from here on."""
+    widths = []
+    real = type(model).forward
+
+    @functools.wraps(real)
+    def spy(self, *a, **kw):
+        widths.append(tuple(kw["input_ids"].shape))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    return widths
+
+
+def _random_adapters(model, k=2):
+    from seal.lora import LoRASpec, MultiLoRA
+
+    lora = MultiLoRA(model, k, LoRASpec(r=4, alpha=8))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_(0, 0.5)
+    return lora
+
+
+def test_draft_follows_the_latest_ngram_and_repeats_a_loop():
+    from seal.generation import _draft
+
+    # [2, 3, 1] last seen 3 back: a loop of period 3 goes on.
+    assert _draft([1, 2, 3, 1, 2, 3, 1], 5) == [2, 3, 1, 2, 3]
+    # Far back: the tokens that followed it there.
+    assert _draft([7, 8, 9, 4, 5, 6, 0, 7, 8], 3) == [9, 4, 5]
+    assert _draft([5, 5], 4) == [5, 5, 5, 5]
+    assert _draft([1, 2, 3], 4) == [] and _draft([1], 4) == []
+
+
+def test_a_row_left_alone_checks_drafts_with_the_same_tokens(tiny, monkeypatch):
+    """Greedy decoding of a row alone in its batch checks prompt-lookup drafts (several
+    tokens a pass): the same tokens as one token a pass, in fewer passes, with or without
+    adapters, whatever the token budget."""
+    tok, model = tiny.tokenizer, tiny.model
+    monkeypatch.setattr(generation, "stop_token_ids", lambda _tok: [])
+    widths = _spy_widths(model, monkeypatch)
+    lora = _random_adapters(model)
+    try:
+        for p in _prompts(tok):
+            for n in (1, 2, 7, 40):
+                for rows in (None, [1]):
+                    kw = {"rows": rows, "lora": lora if rows else None}
+                    widths.clear()
+                    one = generate(model, tok, [p], SamplingParams(n, lookup_tokens=0), **kw)
+                    n_one = len(widths)
+                    widths.clear()
+                    drafted = generate(model, tok, [p], SamplingParams(n), **kw)
+                    assert drafted == one and len(one[0]) == n
+                    assert len(widths) <= n_one
+                    if n == 40 and rows is None:  # the tiny model loops: drafts hit
+                        assert len(widths) < n_one / 2
+    finally:
+        lora.remove()
+
+
+def test_drafted_decoding_stops_where_one_token_a_pass_does(tiny, monkeypatch):
+    tok, model = tiny.tokenizer, tiny.model
+    monkeypatch.setattr(generation, "stop_token_ids", lambda _tok: [])
+    lora = _random_adapters(model, 1)
+    widths = _spy_widths(model, monkeypatch)
+    try:
+        p = _prompts(tok)[0]
+        full = generate(model, tok, [p], SamplingParams(30, lookup_tokens=0), [0], lora)[0]
+        # Here the adapted model loops on one token (drafts of it are checked) and then
+        # breaks the loop with a new token: that token is the stop.
+        k = next(i for i in range(8, 30) if full[i] not in full[:i])
+        assert full[k - 3 : k] == [full[k - 1]] * 3
+        monkeypatch.setattr(generation, "stop_token_ids", lambda _tok: [full[k]])
+        widths.clear()
+        cut = generate(model, tok, [p], SamplingParams(30), [0], lora)[0]
+        assert cut == full[:k]
+        assert any(w[1] > 1 for w in widths[1:])  # drafts were checked
+    finally:
+        lora.remove()
+
+
+def test_a_shared_prompt_prefix_runs_once_per_adapter(tiny, monkeypatch):
+    """Prompts that start alike (a chat template) run their common start once per adapter,
+    then the rest of each: the same tokens as whole prompts (fp32)."""
+    tok, model = tiny.tokenizer, tiny.model
+    monkeypatch.setattr(generation, "stop_token_ids", lambda _tok: [])
+    start = tok("System: answer briefly and well, please. Question:", add_special_tokens=False)
+    start = start["input_ids"]
+    assert len(start) >= generation.SHARED_PREFIX_MIN
+    prompts = [start + q for q in _prompts(tok)] + [start + _prompts(tok)[1]]
+    rows = [0, 1, 0, -1, 1]
+    lora = _random_adapters(model)
+    widths = _spy_widths(model, monkeypatch)
+    try:
+        shared = generate(model, tok, prompts, SamplingParams(6), rows=rows, lora=lora)
+        rests = max(len(p) for p in prompts) - len(start)
+        assert widths[:2] == [(3, len(start)), (4, rests)]  # slots 0, 1, base; 4 distinct rests
+        monkeypatch.setattr(generation, "SHARED_PREFIX_MIN", 10**9)
+        widths.clear()
+        whole = generate(model, tok, prompts, SamplingParams(6), rows=rows, lora=lora)
+        assert widths[0] == (4, max(map(len, prompts)))
+        assert shared == whole
+    finally:
+        lora.remove()

@@ -408,13 +408,13 @@ def run_peft(lm, cfg: BenchConfig, jobs: list[KnowledgeJob], style: str) -> list
             if reference:
                 # One question at a time, the base model's answer recomputed for each (as the
                 # reference server does), then the adapted model's.
+                # Plain greedy decoding, one token a pass (no prompt-lookup drafts).
+                plain = SamplingParams(ic.max_new_tokens, lookup_tokens=0)
                 answers = []
                 for ids in prompts:
                     with pm.disable_adapter():
-                        generate(pm, tok, [ids], SamplingParams(ic.max_new_tokens))
-                    answers += decode(
-                        tok, generate(pm, tok, [ids], SamplingParams(ic.max_new_tokens))
-                    )
+                        generate(pm, tok, [ids], plain)
+                    answers += decode(tok, generate(pm, tok, [ids], plain))
                 pm.unload()  # remove the LoRA layers: the next self-edit gets a fresh model
                 pm = None
             else:

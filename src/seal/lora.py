@@ -206,6 +206,13 @@ class MultiLoRALinear(nn.Module):
             return y2.view(*x.shape[:-1], y2.shape[-1])
         if route is None or route.n_groups == 0:
             return self.base(x)
+        if frozen and route.n_groups == 1 and not route.has_base:
+            # Every row through one adapter (a row decoding alone at the end of a batch):
+            # that adapter's cast copies, two plain matmuls, no gather and no autograd node.
+            a, b = self.frozen[0][route.rows[0]], self.frozen[1][route.rows[0]]
+            x2 = x.reshape(-1, x.shape[-1])
+            y2 = self.base(x2).addmm_(torch.mm(x2, a), b, alpha=self.scaling)
+            return y2.view(*x.shape[:-1], y2.shape[-1])
         a, b = self._weights(x.dtype)
         if route.slot_index is not None:
             a, b = a.index_select(0, route.slot_index), b.index_select(0, route.slot_index)
