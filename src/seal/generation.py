@@ -191,7 +191,7 @@ def _decode_batch(model, prompts, idx, batch_rows, lora, params, stops, sampler,
     cache = _new_cache(model)
     cache_arg = {_cache_kwarg(model): cache}
     route_rows = [k[1] for k in uniq] if batch_rows else None
-    logits, att = _prefill(model, [prompts[i] for i in firsts], route_rows, lora, cache, device)
+    logits, att = _prefill(model, [prompts[i] for i in firsts], route_rows, lora, cache_arg, device)
     sel = torch.tensor(expand, dtype=torch.long, device=device)
     if len(uniq) < len(idx):
         cache.batch_select_indices(sel)
@@ -225,7 +225,7 @@ def _decode_batch(model, prompts, idx, batch_rows, lora, params, stops, sampler,
             r = live[0]
             new[r] += _decode_alone(
                 model,
-                cache,
+                cache_arg,
                 int(tok[0]),
                 att,
                 prompts[idx[r]] + new[r],
@@ -253,9 +253,10 @@ def _decode_batch(model, prompts, idx, batch_rows, lora, params, stops, sampler,
 SHARED_PREFIX_MIN = 8
 
 
-def _prefill(model, prompts, route_rows, lora, cache, device):
-    """Runs `prompts` (row r through adapter route_rows[r]) into `cache`; returns the logits
-    of each prompt's last position and the attention mask over the cache.
+def _prefill(model, prompts, route_rows, lora, cache_arg, device):
+    """Runs `prompts` (row r through adapter route_rows[r]) into the cache of `cache_arg`
+    (the model's cache keyword and the cache); returns the logits of each prompt's last
+    position and the attention mask over the cache.
 
     The inner loop's answer prompts share a long prefix (the chat template and the
     instruction: ~45 of SmolLM2's ~65 tokens). That prefix is run once per distinct adapter,
@@ -271,8 +272,9 @@ def _prefill(model, prompts, route_rows, lora, cache, device):
     if shared >= SHARED_PREFIX_MIN and len(slots) < len(prompts):
         pre = torch.tensor([prompts[0][:shared]] * len(slots), dtype=torch.long, device=device)
         with _route(lora, slots if route_rows else None):
-            model(input_ids=pre, **{_cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
+            model(input_ids=pre, **cache_arg, use_cache=True, logits_to_keep=1)
         where = [slots.index(s) for s in route_rows] if route_rows else [0] * len(prompts)
+        (cache,) = cache_arg.values()
         cache.batch_select_indices(torch.tensor(where, dtype=torch.long, device=device))
         rests = [p[shared:] for p in prompts]
     else:
@@ -290,7 +292,7 @@ def _prefill(model, prompts, route_rows, lora, cache, device):
             input_ids=ids,
             attention_mask=att,
             position_ids=(att.cumsum(1) - 1).clamp(min=0)[:, shared:],
-            **{_cache_kwarg(model): cache},
+            **cache_arg,
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
@@ -312,7 +314,7 @@ def _draft(history: list[int], n: int, longest_ngram: int = 3) -> list[int]:
     return []
 
 
-def _decode_alone(model, cache, tok, att, history, budget, stops, n_draft, lora, rows):
+def _decode_alone(model, cache_arg, tok, att, history, budget, stops, n_draft, lora, rows):
     """Greedy decoding of the one row left in its batch, `tok` its last token (not yet in
     the cache): up to `budget` more tokens, stop token excluded.
 
@@ -326,7 +328,7 @@ def _decode_alone(model, cache, tok, att, history, budget, stops, n_draft, lora,
     would give, up to float rounding (a pass over several positions may round differently)."""
     out: list[int] = []
     device = att.device
-    kwarg = _cache_kwarg(model)
+    (cache,) = cache_arg.values()
     while budget > 0:
         draft = _draft(history, min(n_draft, budget - 1))
         ids = torch.tensor([[tok, *draft]], dtype=torch.long, device=device)
@@ -338,7 +340,7 @@ def _decode_alone(model, cache, tok, att, history, budget, stops, n_draft, lora,
                 input_ids=ids,
                 attention_mask=att,
                 position_ids=pos,
-                **{kwarg: cache},
+                **cache_arg,
                 use_cache=True,
             ).logits[0]
         pred = logits.argmax(-1).tolist()
