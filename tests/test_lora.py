@@ -458,3 +458,30 @@ def test_linear_cross_entropy_equals_torch():
         (got * weights).sum().backward()
         torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_workspace_reused(dtype):
+    """A workspace kept across calls (as train_adapters keeps one across its passes) gives the
+    losses and gradients of fresh buffers, bit for bit, whatever the calls' token counts; its
+    buffers grow when a call needs more rows and are reused, not remade, otherwise."""
+    from seal.training import CEWorkspace, linear_cross_entropy
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False).to(dtype)
+    ws = CEWorkspace()
+    chunk_bytes = 8 * 4 * 50  # 8 rows a chunk
+    seen = []
+    for n in (5, 3, 13, 7, 13):
+        targets = torch.randint(0, 50, (n,))
+        h0 = torch.randn(n, 16, dtype=dtype)
+        out = []
+        for workspace in (None, ws):
+            h = h0.clone().requires_grad_(True)
+            loss = linear_cross_entropy(h, head, targets, chunk_bytes, workspace=workspace)
+            loss.sum().backward()
+            out.append((loss.detach(), h.grad))
+        assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+        seen.append(ws._raw.data_ptr())
+    assert ws._raw.shape[0] == 8  # grew from 5 rows to a whole chunk, never beyond
+    assert seen[3] == seen[2] and seen[4] == seen[2]  # no new buffer once big enough

@@ -128,18 +128,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
     without keeping the [tokens, vocabulary] logits (1.2 GB in fp32 for 2,048 tokens of a
     151k vocabulary, and as much again for the log-softmax and its gradient): each chunk's
     gradient with respect to h (softmax minus one-hot, times w) is computed in the forward
-    pass and only scaled by the incoming per-token gradient in the backward. `w` is frozen."""
+    pass and only scaled by the incoming per-token gradient in the backward. `w` is frozen.
+
+    The chunk's logits live in `workspace` (see `CEWorkspace`) where one is given."""
 
     @staticmethod
-    def forward(ctx, h, w, targets, chunk):
+    def forward(ctx, h, w, targets, chunk, workspace):
         n = h.shape[0]
         loss = torch.empty(n, dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h)
         rows = torch.arange(min(n, chunk), device=h.device)
+        if workspace is None:
+            workspace = CEWorkspace()
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             r, tgt = rows[: e - s], targets[s:e]
-            logits = (h[s:e] @ w.t()).float()
+            raw, logits = workspace.buffers(e - s, chunk, w, h.dtype)
+            torch.mm(h[s:e], w.t(), out=raw)
+            if logits is not raw:
+                logits.copy_(raw)  # the softmax in fp32
             # Softmax and log-sum-exp in three in-place passes over the chunk's logits.
             top = logits.amax(dim=-1, keepdim=True)
             target_logit = logits[r, tgt] - top[:, 0]
@@ -148,29 +155,70 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss[s:e] = total[:, 0].log() - target_logit
             probs.div_(total)
             probs[r, tgt] -= 1.0
-            torch.mm(probs.to(w.dtype), w, out=grad_h[s:e])
+            torch.mm(raw if probs is raw else raw.copy_(probs), w, out=grad_h[s:e])
         ctx.save_for_backward(grad_h)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_loss[:, None].to(grad_h.dtype), None, None, None
+        return grad_h * grad_loss[:, None].to(grad_h.dtype), None, None, None, None
+
+
+class CEWorkspace:
+    """The logits buffers of `linear_cross_entropy` ([chunk, vocabulary] in the model's dtype
+    and in fp32; one buffer for an fp32 model), kept from one training pass to the next. Made afresh each pass, these are
+    the largest tensors a CPU pass allocates (100 MB for SmolLM2's 341-token chunks), large
+    enough that jemalloc hands them back to the system as soon as they are freed, so every
+    pass paid ~25,000 page faults to fault them in again (docs/benchmarks.md, session 15)."""
+
+    def __init__(self) -> None:
+        self._raw: torch.Tensor | None = None
+        self._fp32: torch.Tensor | None = None
+
+    def buffers(self, rows: int, chunk: int, w: torch.Tensor, dtype: torch.dtype):
+        """Views of `rows` rows (at most `chunk`) of the two buffers for w's vocabulary. They
+        grow as needed, by a quarter at least (up to `chunk` rows), and never shrink."""
+        raw = self._raw
+        if (
+            raw is None
+            or raw.shape[0] < rows
+            or raw.shape[1] != w.shape[0]
+            or raw.dtype != dtype
+            or raw.device != w.device
+        ):
+            have = raw.shape[0] if raw is not None else 0
+            n = min(chunk, max(rows, have + have // 4))
+            self._raw = torch.empty(n, w.shape[0], dtype=dtype, device=w.device)
+            self._fp32 = (
+                self._raw
+                if dtype == torch.float32
+                else torch.empty(n, w.shape[0], dtype=torch.float32, device=w.device)
+            )
+        raw = self._raw[:rows]
+        return raw, (raw if self._fp32 is self._raw else self._fp32[:rows])
 
 
 # The most fp32 logits `linear_cross_entropy` holds at once (besides their softmax's copy).
 CE_CHUNK_BYTES = 64 << 20
 
 
-def linear_cross_entropy(h, head: torch.nn.Linear, targets, chunk_bytes: int = CE_CHUNK_BYTES):
+def linear_cross_entropy(
+    h,
+    head: torch.nn.Linear,
+    targets,
+    chunk_bytes: int = CE_CHUNK_BYTES,
+    workspace: CEWorkspace | None = None,
+):
     """Per-token cross-entropy of the frozen vocabulary projection `head` applied to hidden
     states `h` ([tokens, hidden]); equal to `F.cross_entropy(head(h).float(), targets,
-    reduction="none")` with its gradient, in chunks of at most `chunk_bytes` of logits."""
+    reduction="none")` with its gradient, in chunks of at most `chunk_bytes` of logits
+    (held in `workspace` if given, to be reused by the next call)."""
     w = head.weight
     if w.requires_grad or getattr(head, "bias", None) is not None:
         return F.cross_entropy(head(h).float(), targets, reduction="none")
     chunk = max(1, chunk_bytes // (4 * w.shape[0]))
-    return _LinearCrossEntropy.apply(h, w, targets, chunk)
+    return _LinearCrossEntropy.apply(h, w, targets, chunk, workspace)
 
 
 def causal_lm_parts(model):
@@ -310,6 +358,7 @@ def train_adapters(
         max_grad_norm=jobs[0].hp.max_grad_norm,
     )
     stats = [TrainStats([], 0, 0, 0) for _ in jobs]
+    workspace = CEWorkspace()  # the loss's logits buffers, reused pass after pass
     pass_losses: list[tuple[list[int], torch.Tensor]] = []
     n_jobs = len(jobs)
     # The model stays in eval mode: LoRA dropout is 0 and the base's dropout must stay off.
@@ -384,7 +433,7 @@ def train_adapters(
                     h = hidden.reshape(-1, hidden.shape[-1])[src_t]
                     # Logits only where the loss is: prompt and padding positions never pay for
                     # the vocabulary projection.
-                    tok_loss = linear_cross_entropy(h, head, targets)
+                    tok_loss = linear_cross_entropy(h, head, targets, workspace=workspace)
                     loss_sum = torch.zeros(n_jobs, device=device).index_add(0, owner, tok_loss)
                     n_tok = torch.zeros(n_jobs, device=device).index_add(
                         0, owner, torch.ones_like(tok_loss)
