@@ -185,8 +185,9 @@ class MultiLoRALinear(nn.Module):
             mask = route.token_mask(x2.shape[0], x.dtype)
             if torch.is_grad_enabled():
                 # Training: the fp32 masters go in, cast and laid out side by side in one copy.
-                w, bias = self.base.weight, self.base.bias
-                y2 = _DenseLoRA.apply(x2, w, bias, self.lora_A, self.lora_B, mask, self.scaling)
+                y2 = _DenseLoRA.apply(
+                    x2, self.base(x2), self.lora_A, self.lora_B, mask, self.scaling
+                )
             else:  # generation: the same arithmetic without an autograd node per layer
                 if frozen:
                     _, b, a_cat = self.frozen  # the copies cast for generation
@@ -275,17 +276,15 @@ def _dense_lora_(x, y, a_cat, b_cat, mask, scaling):
 
 
 class _DenseLoRA(torch.autograd.Function):
-    """y = x W^T + b + scaling * mask(x A_cat) B_cat, where A_cat = [A_1 .. A_K] ([in, K r]),
+    """y += scaling * mask(x A_cat) B_cat in place, where A_cat = [A_1 .. A_K] ([in, K r]),
     B_cat = [B_1; ..; B_K] ([K r, out]) and mask ([tokens, K, 1]) keeps each token's own
-    adapter's r columns (all zero for base tokens): the frozen base layer and every adapter's
-    low-rank term in one autograd node.
+    adapter's r columns (all zero for base tokens).
 
     On a CPU in bf16, each small matmul of a run (`_RunLoRA`: two forward, four backward per
     run) costs ~30 us whatever its size, ~40% of a SmolLM2 training pass of 8 adapters;
     here a layer is two matmuls forward and four backward for all adapters at once, K times
     the low-rank arithmetic in larger, efficient matmuls. Exact: masked columns contribute
-    zeros and receive zero gradients. The base layer's input gradient takes the low-rank
-    one's in place (`addmm_`), instead of autograd adding two [tokens, in] gradients.
+    zeros and receive zero gradients.
 
     Takes the adapters' fp32 masters ([K, in, r], [K, r, out]) and returns their gradients
     in fp32: the cast and the side-by-side layout of A_cat are one copy each way, instead of
@@ -293,32 +292,31 @@ class _DenseLoRA(torch.autograd.Function):
     SmolLM2 training epoch of 8 adapters, docs/benchmarks.md)."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, lora_a, lora_b, mask, scaling):
+    def forward(ctx, x, y, lora_a, lora_b, mask, scaling):
         # lora_a [K, in, r] and lora_b [K, r, out] are the fp32 masters: A_cat is cast and
         # laid out in one copy, and the weight gradients come back in fp32 the same way.
         k, d_in, r = lora_a.shape
         a_cat = x.new_empty(d_in, k * r)
         a_cat.view(d_in, k, r).copy_(lora_a.permute(1, 0, 2))
         b_cat = lora_b.reshape(k * r, -1).to(x.dtype)
-        y, xa = _dense_lora_(x, torch.nn.functional.linear(x, w, bias), a_cat, b_cat, mask, scaling)
-        ctx.save_for_backward(x, w, xa, a_cat, b_cat, mask)
+        y, xa = _dense_lora_(x, y, a_cat, b_cat, mask, scaling)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x, xa, a_cat, b_cat, mask)
         ctx.scaling, ctx.master_dtype = scaling, lora_a.dtype
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, w, xa, a_cat, b_cat, mask = ctx.saved_tensors
+        x, xa, a_cat, b_cat, mask = ctx.saved_tensors
         n, k = x.shape[0], mask.shape[1]
         d_in, r = a_cat.shape[0], a_cat.shape[1] // k
         gxa = torch.mm(g, b_cat.t())
         gxa.view(n, k, r).mul_(mask * ctx.scaling)  # d loss / d(x A_cat), scaling included
-        gx = torch.mm(g, w).addmm_(gxa, a_cat.t()) if ctx.needs_input_grad[0] else None
-        gw = torch.mm(g.t(), x) if ctx.needs_input_grad[1] else None
-        gbias = g.sum(0) if ctx.needs_input_grad[2] else None
+        gx = torch.mm(gxa, a_cat.t()) if ctx.needs_input_grad[0] else None
         ga = torch.empty(k, d_in, r, dtype=ctx.master_dtype, device=x.device)
         ga.permute(1, 0, 2).copy_(torch.mm(x.t(), gxa).view(d_in, k, r))
         gb = torch.mm(xa.t(), g).view(k, r, -1).to(ctx.master_dtype).mul_(ctx.scaling)
-        return gx, gw, gbias, ga, gb, None, None
+        return gx, g, ga, gb, None, None
 
 
 class _RunLoRA(torch.autograd.Function):
