@@ -143,10 +143,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             r, tgt = rows[: e - s], targets[s:e]
-            raw, logits = workspace.buffers(e - s, chunk, w, h.dtype)
+            raw, spare = workspace.buffers(e - s, chunk, w, h.dtype)
             torch.mm(h[s:e], w.t(), out=raw)
-            if logits is not raw:
-                logits.copy_(raw)  # the softmax in fp32
+            logits = raw if spare is None else spare.copy_(raw)  # the softmax in fp32
             # Softmax and log-sum-exp in three in-place passes over the chunk's logits.
             top = logits.amax(dim=-1, keepdim=True)
             target_logit = logits[r, tgt] - top[:, 0]
@@ -155,7 +154,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss[s:e] = total[:, 0].log() - target_logit
             probs.div_(total)
             probs[r, tgt] -= 1.0
-            torch.mm(raw if probs is raw else raw.copy_(probs), w, out=grad_h[s:e])
+            if spare is not None:
+                raw.copy_(probs)
+            torch.mm(raw, w, out=grad_h[s:e])
         ctx.save_for_backward(grad_h)
         return loss
 
@@ -166,19 +167,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 class CEWorkspace:
-    """The logits buffers of `linear_cross_entropy` ([chunk, vocabulary] in the model's dtype
-    and in fp32; one buffer for an fp32 model), kept from one training pass to the next. Made afresh each pass, these are
-    the largest tensors a CPU pass allocates (100 MB for SmolLM2's 341-token chunks), large
-    enough that jemalloc hands them back to the system as soon as they are freed, so every
-    pass paid ~25,000 page faults to fault them in again (docs/benchmarks.md, session 15)."""
+    """The logits buffers of `linear_cross_entropy` ([chunk, vocabulary] in the model's dtype,
+    and in fp32 for a model that is not), kept from one training pass to the next. Made
+    afresh each pass, these are the largest tensors a CPU pass allocates (100 MB for
+    SmolLM2's 341-token chunks), large enough that jemalloc hands them back to the system as
+    soon as they are freed, so every pass paid ~25,000 page faults to fault them in again
+    (docs/benchmarks.md, session 15)."""
 
     def __init__(self) -> None:
         self._raw: torch.Tensor | None = None
-        self._fp32: torch.Tensor | None = None
+        self._fp32: torch.Tensor | None = None  # None when the model's dtype is fp32
 
     def buffers(self, rows: int, chunk: int, w: torch.Tensor, dtype: torch.dtype):
-        """Views of `rows` rows (at most `chunk`) of the two buffers for w's vocabulary. They
-        grow as needed, by a quarter at least (up to `chunk` rows), and never shrink."""
+        """`rows` rows (at most `chunk`) of each buffer for w's vocabulary: (model's dtype,
+        fp32 or None). They grow as needed, by a quarter at least (up to `chunk` rows), and
+        never shrink."""
         raw = self._raw
         if (
             raw is None
@@ -191,12 +194,11 @@ class CEWorkspace:
             n = min(chunk, max(rows, have + have // 4))
             self._raw = torch.empty(n, w.shape[0], dtype=dtype, device=w.device)
             self._fp32 = (
-                self._raw
+                None
                 if dtype == torch.float32
                 else torch.empty(n, w.shape[0], dtype=torch.float32, device=w.device)
             )
-        raw = self._raw[:rows]
-        return raw, (raw if self._fp32 is self._raw else self._fp32[:rows])
+        return self._raw[:rows], (None if self._fp32 is None else self._fp32[:rows])
 
 
 # The most fp32 logits `linear_cross_entropy` holds at once (besides their softmax's copy).
