@@ -299,7 +299,10 @@ class FakeOpenAIServer(OpenAIStubServer):
 
 @pytest.fixture
 def server():
-    with FakeOpenAIServer() as srv:
+    # A "timeout" fault answers after 2 s, well past the judges' 1-s timeout; a plain request
+    # has that second to be answered even on a busy 2-core machine (at 0.3 s, one was retried
+    # under `make test`, and the request count came out 5 instead of 3).
+    with FakeOpenAIServer(hang_s=2.0) as srv:
         yield srv
 
 
@@ -318,7 +321,7 @@ def judge_factory(server, tmp_path, monkeypatch):
             api_key_env="SEAL_TEST_JUDGE_KEY",
             cache_dir=tmp_path / "cache",
             max_retries=3,
-            timeout=0.3,
+            timeout=1.0,
             concurrency=4,
             backoff_base=0.01,
             backoff_max=0.05,

@@ -61,7 +61,7 @@ class FakeOpenAIServer(OpenAIStubServer):
 
     handler_class = TeacherHandler
 
-    def __init__(self, hang_s: float = 0.6, delay_s: float = 0.0):
+    def __init__(self, hang_s: float = 2.0, delay_s: float = 0.0):
         super().__init__(hang_s=hang_s)
         self.delay_s = delay_s  # added to every successful reply (to observe concurrency)
 
@@ -74,7 +74,9 @@ def server():
 
 SECRET = "sk-planted-SECRET-key-0123456789"
 KEY_ENV = "SEAL_TEST_REMOTE_KEY"
-FAST = dict(timeout=0.2, max_retries=2, backoff_base=0.01, backoff_max=0.05)
+# A 1-s timeout against the server's 2-s "timeout" fault: room for a plain request on a busy
+# machine (a retried request would change the request counts the tests assert).
+FAST = dict(timeout=1.0, max_retries=2, backoff_base=0.01, backoff_max=0.05)
 
 
 @pytest.fixture
