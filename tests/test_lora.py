@@ -159,7 +159,7 @@ def test_every_route_shape_equals_per_row_reference(path, monkeypatch):
 
     monkeypatch.setattr(lora_mod, "_is_cpu", lambda _device: path != "gpu")
     if path == "cpu_dense":
-        monkeypatch.setattr(lora_mod, "_SLOW_SMALL_MATMUL", (torch.float32,))
+        monkeypatch.setattr(lora_mod, "DENSE_DTYPES", (torch.float32,))
 
         def not_runs(*_args):
             raise AssertionError("runs taken instead of the dense route")
@@ -286,8 +286,8 @@ def test_packed_training_equals_unpacked(tiny):
 
 
 def test_bf16_cpu_training_takes_the_dense_route_and_trains_as_runs(tiny, monkeypatch):
-    """In bf16 on a CPU, packed passes train every slot at once (`_DenseLoRA`): the losses
-    and adapter weights of the run-by-run route, to bf16 rounding."""
+    """In bf16 on a CPU with AMX, packed passes train every slot at once (`_DenseLoRA`): the
+    losses and adapter weights of the run-by-run route, to bf16 rounding."""
     import copy
 
     from seal import lora as lora_mod
@@ -306,8 +306,7 @@ def test_bf16_cpu_training_takes_the_dense_route_and_trains_as_runs(tiny, monkey
     for dense in (True, False):
         with monkeypatch.context() as m:
             m.setattr(lora_mod._DenseLoRA, "apply", counted)
-            if not dense:
-                m.setattr(lora_mod, "_SLOW_SMALL_MATMUL", ())
+            m.setattr(lora_mod, "DENSE_DTYPES", (torch.bfloat16,) if dense else ())
             lora = MultiLoRA(model, 3, SPEC)
             jobs = []
             for slot, texts in enumerate(TEXTS):
@@ -352,10 +351,9 @@ def test_bf16_cpu_prefill_through_the_dense_route_equals_runs(tiny, monkeypatch)
 
         for dense in (True, False):
             with monkeypatch.context() as m:
+                m.setattr(lora_mod, "DENSE_DTYPES", (torch.bfloat16,) if dense else ())
                 if dense:
                     m.setattr(lora_mod._RunLoRA, "apply", not_runs)
-                else:
-                    m.setattr(lora_mod, "_SLOW_SMALL_MATMUL", ())
                 with lora.frozen(), lora.route([2, 0, 2]), torch.no_grad():
                     logits.append(model(input_ids=ids).logits.float())
         torch.testing.assert_close(logits[0], logits[1], rtol=3e-2, atol=3e-2)

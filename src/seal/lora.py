@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from seal.models import cpu_has_amx
+
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -112,9 +114,13 @@ def init_lora_a(d_in: int, r: int, gen: torch.Generator) -> torch.Tensor:
 # The read-only route takes every slot's low-rank term at once (`MultiLoRALinear.forward`)
 # while tokens x slots stays under this: decode steps, not prefills or training passes.
 DENSE_MAX = 2048
-# CPU training in these dtypes takes every slot at once (_DenseLoRA) while K r stays under
-# this: their small matmuls cost a fixed ~30 us each on a CPU (docs/benchmarks.md).
-_SLOW_SMALL_MATMUL = (torch.bfloat16, torch.float16)
+# CPU training passes and prefills in these dtypes take every slot at once (_DenseLoRA) while
+# K r stays under DENSE_TRAIN_MAX_RANK, instead of a run of tokens at a time (_RunLoRA). With
+# AMX, a small bf16 matmul of a run costs ~30 us whatever its size while large ones run at
+# 1-2 TFLOP/s a core, so K times the low-rank arithmetic in large matmuls is the cheaper; with
+# AVX512-BF16 alone (~0.2 TFLOP/s a core) the K-fold arithmetic costs more than the runs do:
+# a SmolLM2 epoch of 8 adapters 25.4 s dense against 19.4 s in runs (docs/benchmarks.md).
+DENSE_DTYPES = (torch.bfloat16, torch.float16) if cpu_has_amx() else ()
 DENSE_TRAIN_MAX_RANK = 512
 
 
@@ -170,11 +176,11 @@ class MultiLoRALinear(nn.Module):
                 # instead of two per run; the extra arithmetic (K times the low-rank term's) is
                 # small next to the base layer.
                 (frozen and not route.contiguous and x.numel() // x.shape[-1] * k <= DENSE_MAX)
-                # CPU in bf16/fp16 (training passes, prefills), where each small matmul of a run
-                # costs ~30 us: larger matmuls for all slots, under autograd.
+                # CPU with AMX in bf16/fp16 (training passes, prefills), where each small matmul
+                # of a run costs ~30 us: larger matmuls for all slots (see DENSE_DTYPES).
                 or (
                     route.runs is not None
-                    and x.dtype in _SLOW_SMALL_MATMUL
+                    and x.dtype in DENSE_DTYPES
                     and k * self.r <= DENSE_TRAIN_MAX_RANK
                 )
             )
@@ -280,8 +286,9 @@ class _DenseLoRA(torch.autograd.Function):
     B_cat = [B_1; ..; B_K] ([K r, out]) and mask ([tokens, K, 1]) keeps each token's own
     adapter's r columns (all zero for base tokens).
 
-    On a CPU in bf16, each small matmul of a run (`_RunLoRA`: two forward, four backward per
-    run) costs ~30 us whatever its size, ~40% of a SmolLM2 training pass of 8 adapters;
+    On a CPU with AMX in bf16, each small matmul of a run (`_RunLoRA`: two forward, four
+    backward per run) costs ~30 us whatever its size, ~40% of a SmolLM2 training pass of 8
+    adapters;
     here a layer is two matmuls forward and four backward for all adapters at once, K times
     the low-rank arithmetic in larger, efficient matmuls. Exact: masked columns contribute
     zeros and receive zero gradients.

@@ -8,6 +8,7 @@ manifest of sha256 hashes that is checked on every load. Nothing here uses pickl
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -106,17 +107,29 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+@functools.cache
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read(1 << 16)
+    except OSError:
+        return ""
+
+
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX). Without them,
     oneDNN emulates bf16 and fp32 is faster: measured here (Xeon with AVX-512 but no BF16),
     fp32 matmuls ran at 300 GFLOP/s against 61 for bf16, and SmolLM2's forward pass 3.8x
     faster in fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read(1 << 16)
-    except OSError:
-        return False
+    flags = _cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles for bf16 (Sapphire Rapids and later Xeons): bf16
+    matmuls of a few hundred rows at 1-2.5 TFLOP/s a core, against ~0.2 with AVX512-BF16
+    alone (an AMD EPYC, docs/benchmarks.md)."""
+    return "amx_bf16" in _cpu_flags()
 
 
 def pick_dtype(dtype: str, device: torch.device, tiny: bool = False) -> torch.dtype:
