@@ -288,9 +288,8 @@ class _DenseLoRA(torch.autograd.Function):
 
     On a CPU with AMX in bf16, each small matmul of a run (`_RunLoRA`: two forward, four
     backward per run) costs ~30 us whatever its size, ~40% of a SmolLM2 training pass of 8
-    adapters;
-    here a layer is two matmuls forward and four backward for all adapters at once, K times
-    the low-rank arithmetic in larger, efficient matmuls. Exact: masked columns contribute
+    adapters; here a layer is two matmuls forward and four backward for all adapters at
+    once, K times the low-rank arithmetic in larger, efficient matmuls. Exact: masked columns contribute
     zeros and receive zero gradients.
 
     Takes the adapters' fp32 masters ([K, in, r], [K, r, out]) and returns their gradients
