@@ -75,15 +75,41 @@ def test_auto_capacity_counts_checkpointed_activations(tiny, monkeypatch):
     from seal.lora import LoRASpec
 
     monkeypatch.setattr(inner_loop, "available_memory_bytes", lambda _device: 1 << 30)
-    spec, cpu = LoRASpec(r=8, alpha=16), torch.device("cpu")
-    plain = auto_capacity(tiny.model, spec, 2048, cpu, limit=1000)
-    ckpt = auto_capacity(tiny.model, spec, 2048, cpu, limit=1000, checkpoint=True)
+    # A GPU's count (a row per adapter; the device itself is never touched here), where the
+    # activations weigh most.
+    spec, dev = LoRASpec(r=8, alpha=16), torch.device("cuda")
+    plain = auto_capacity(tiny.model, spec, 2048, dev, limit=1000)
+    ckpt = auto_capacity(tiny.model, spec, 2048, dev, limit=1000, checkpoint=True)
     assert 1 <= plain < ckpt
-    assert auto_capacity(tiny.model, spec, 2048, cpu, limit=2, checkpoint=True) == 2
+    assert auto_capacity(tiny.model, spec, 2048, dev, limit=2, checkpoint=True) == 2
     # A worker of two on one machine (executors.ProcessExecutor) sizes from half the memory.
     monkeypatch.setenv("SEAL_MEMORY_SHARE", "0.5")
-    half = auto_capacity(tiny.model, spec, 2048, cpu, limit=1000)
+    half = auto_capacity(tiny.model, spec, 2048, dev, limit=1000)
     assert 1 <= half < plain
+
+
+def test_auto_capacity_counts_a_cpu_pass_once(tiny, monkeypatch):
+    """On a CPU, where train_adapters cuts a step into passes that fit, one pass's
+    activations are counted whatever the number of adapters (a GPU counts a row per
+    adapter): more adapters fit, and the passes get what the adapters leave."""
+    from seal import inner_loop
+    from seal.inner_loop import InnerLoop, auto_capacity, pass_token_budget
+    from seal.lora import LoRASpec
+
+    monkeypatch.setattr(inner_loop, "available_memory_bytes", lambda _device: 1 << 30)
+    spec, cpu, gpu = LoRASpec(r=8, alpha=16), torch.device("cpu"), torch.device("cuda")
+    per_row = auto_capacity(tiny.model, spec, 512, gpu, limit=10**6)
+    per_pass = auto_capacity(tiny.model, spec, 512, cpu, limit=10**6)
+    assert 1 <= per_row < per_pass
+    assert pass_token_budget(tiny.model, spec, per_pass, 512, gpu) is None
+    # The most adapters that fit leave a pass of max_tokens at least; fewer leave more.
+    full = pass_token_budget(tiny.model, spec, per_pass, 512, cpu)
+    assert 512 <= full < pass_token_budget(tiny.model, spec, per_pass // 2, 512, cpu)
+    assert pass_token_budget(tiny.model, spec, 10 * per_pass, 512, cpu) == 512
+    loop = InnerLoop(tiny, CFG)
+    expect = pass_token_budget(tiny.model, CFG.lora_spec(), loop.capacity, 512, cpu)
+    assert loop.pass_tokens == expect
+    loop.close()
 
 
 def test_checkpointed_inner_loop_gives_the_same_result(tiny, demo_eval):

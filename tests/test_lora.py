@@ -285,6 +285,53 @@ def test_packed_training_equals_unpacked(tiny):
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
+def test_pass_groups_cut_a_step_at_the_token_budget():
+    """A step's adapters go into passes in order, each within the budget, each adapter whole,
+    one that is over the budget alone in its pass."""
+    from seal.training import pass_groups
+
+    batches = {0: [([1] * 30, [True] * 30)], 1: [([1] * 50, [True] * 50)],
+               2: [([1] * 10, [True] * 10), ([1] * 15, [True] * 15)], 3: [([1] * 90, [True] * 90)]}  # fmt: skip
+    active = [0, 1, 2, 3]
+    assert pass_groups(active, batches, None, True) == [[0, 1, 2, 3]]
+    assert pass_groups(active, batches, 1000, True) == [[0, 1, 2, 3]]
+    assert pass_groups(active, batches, 80, True) == [[0, 1], [2], [3]]
+    assert pass_groups(active, batches, 105, True) == [[0, 1, 2], [3]]
+    assert pass_groups(active, batches, 20, True) == [[0], [1], [2], [3]]
+    # Unpacked, a pass costs its rows times the longest: 0 and 1 take 2 x 50 tokens.
+    assert pass_groups(active, batches, 150, False) == [[0, 1], [2], [3]]
+    assert pass_groups(active, batches, 150, True) == [[0, 1, 2], [3]]
+    assert pass_groups(active, batches, 99, False) == [[0], [1], [2], [3]]
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_a_step_cut_into_passes_trains_as_one_pass(tiny, pack):
+    """`max_pass_tokens` below a step's tokens trains it in several passes and one optimizer
+    step: the same losses and adapter weights as one pass."""
+    tok = tiny.tokenizer
+    hp = TrainHP(lr=5e-3, epochs=2, batch_size=2)
+    results = []
+    for budget in (None, 12):
+        lora = MultiLoRA(tiny.model, 3, SPEC)
+        jobs = []
+        for slot, texts in enumerate(TEXTS):
+            lora.reset(slot, 100 + slot)
+            jobs.append(AdapterJob(slot, [text_example(tok, t, 64) for t in texts], 100 + slot, hp))
+        stats = train_adapters(
+            tiny.model, lora, jobs, tok.pad_token_id, pack=pack, max_pass_tokens=budget
+        )
+        results.append((stats, [lora.state(s) for s in range(3)]))
+        lora.remove()
+    (sa, wa), (sb, wb) = results
+    torch.testing.assert_close([s.losses for s in sa], [s.losses for s in sb], rtol=1e-4, atol=1e-5)
+    assert [(s.steps, s.tokens, s.input_tokens) for s in sa] == [
+        (s.steps, s.tokens, s.input_tokens) for s in sb
+    ]
+    for a, b in zip(wa, wb, strict=True):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
 def test_bf16_cpu_training_takes_the_dense_route_and_trains_as_runs(tiny, monkeypatch):
     """In bf16 on a CPU with AMX, packed passes train every slot at once (`_DenseLoRA`): the
     losses and adapter weights of the run-by-run route, to bf16 rounding."""

@@ -114,6 +114,19 @@ def available_memory_bytes(device: torch.device) -> int:
     return 4 << 30
 
 
+def _training_memory(model, spec: LoRASpec, max_tokens: int, device, checkpoint: bool):
+    """(bytes to train in, bytes per adapter, bytes per token of a pass); see auto_capacity."""
+    cfg = model.config
+    hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
+    inter = getattr(cfg, "intermediate_size", 4 * hidden)
+    per_param = 16 * spec.r * layers * (4 * 2 * hidden + 3 * (hidden + inter))
+    per_layer = (12 * hidden + 3 * inter) * 2 + packed_attention.bytes_per_token(cfg, max_tokens)
+    kept = (layers * hidden * 4 + per_layer) if checkpoint else layers * per_layer
+    share = float(os.environ.get("SEAL_MEMORY_SHARE") or 1.0)
+    budget = 0.5 * share * available_memory_bytes(device) - 3 * CE_CHUNK_BYTES
+    return budget, per_param, kept
+
+
 def auto_capacity(
     model,
     spec: LoRASpec,
@@ -126,27 +139,44 @@ def auto_capacity(
     (default: 16 on a GPU; 8 on a CPU, where a pass is compute-bound and more rows per pass
     add memory but measured no further speed).
 
-    Per adapter: fp32 weights, gradients and two AdamW moments (16 bytes a parameter), plus
-    the activations of one row of `max_tokens` tokens kept for the backward pass, attention
-    probabilities included (with activation checkpointing: each layer's input, plus one
-    layer's activations at a time).
+    Per adapter: fp32 weights, gradients and two AdamW moments (16 bytes a parameter). The
+    activations kept for the backward pass, attention probabilities included, of `max_tokens`
+    tokens (with activation checkpointing: each layer's input, plus one layer's activations
+    at a time): on a GPU per adapter, a padded row each; on a CPU once, for one pass,
+    since train_adapters cuts a step into passes that fit what the adapters leave
+    (`pass_token_budget`). The bench's passes of 8 adapters hold ~200-700 tokens, which 512
+    tokens counted per adapter had overstated up to 20x (Qwen2.5-Coder-0.5B: 5 adapters a
+    worker of two on 23 GB, now 8; docs/benchmarks.md).
     Per pass: the vocabulary projection's logits, which exist one chunk at a time
     (training.linear_cross_entropy). A worker process of several on one machine
     (executors.ProcessExecutor) counts only its share of the free memory
     ($SEAL_MEMORY_SHARE)."""
     if limit is None:
         limit = 16 if device.type == "cuda" else 8
-    cfg = model.config
-    hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
-    inter = getattr(cfg, "intermediate_size", 4 * hidden)
-    per_param = 16 * spec.r * layers * (4 * 2 * hidden + 3 * (hidden + inter))
-    per_layer = (12 * hidden + 3 * inter) * 2 + packed_attention.bytes_per_token(cfg, max_tokens)
-    kept = (layers * hidden * 4 + per_layer) if checkpoint else layers * per_layer
-    act = max_tokens * kept
-    share = float(os.environ.get("SEAL_MEMORY_SHARE") or 1.0)
-    budget = 0.5 * share * available_memory_bytes(device) - 3 * CE_CHUNK_BYTES
-    k = int(budget // (per_param + act))
+    budget, per_param, kept = _training_memory(model, spec, max_tokens, device, checkpoint)
+    if device.type == "cpu":
+        k = int((budget - max_tokens * kept) // per_param)
+    else:
+        k = int(budget // (per_param + max_tokens * kept))
     return max(1, min(limit, k))
+
+
+def pass_token_budget(
+    model,
+    spec: LoRASpec,
+    n_adapters: int,
+    max_tokens: int,
+    device: torch.device,
+    checkpoint: bool = False,
+) -> int | None:
+    """On a CPU, the most tokens one training pass may hold (train_adapters'
+    `max_pass_tokens`): the activations that fit in what `n_adapters` adapters leave of the
+    memory auto_capacity counts, and `max_tokens` at least. None on a GPU, whose passes are
+    padded rows replayed as static CUDA graphs and counted per adapter."""
+    if device.type != "cpu":
+        return None
+    budget, per_param, kept = _training_memory(model, spec, max_tokens, device, checkpoint)
+    return max(max_tokens, int((budget - n_adapters * per_param) // kept))
 
 
 class InnerLoop:
@@ -158,12 +188,13 @@ class InnerLoop:
             raise ValueError(f"reward_metric must be one of {grading.METRICS}")
         if cfg.reward_metric == "judge" and judge is None:
             raise ValueError("reward_metric 'judge' needs a judge endpoint")
+        tokens = min(cfg.max_seq_len, 512)  # a row's activations to count (sequences are short)
         self.capacity = cfg.capacity or auto_capacity(
-            lm.model,
-            cfg.lora_spec(),
-            min(cfg.max_seq_len, 512),
-            lm.device,
-            checkpoint=cfg.checkpoint,
+            lm.model, cfg.lora_spec(), tokens, lm.device, checkpoint=cfg.checkpoint
+        )
+        # On a CPU, a step's batches beyond this many tokens train in several passes.
+        self.pass_tokens = pass_token_budget(
+            lm.model, cfg.lora_spec(), self.capacity, tokens, lm.device, cfg.checkpoint
         )
         self.lora: MultiLoRA | None = None
         self._base_answers: dict[tuple[str, int], str] = {}
@@ -263,7 +294,14 @@ class InnerLoop:
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
             for tj, st in zip(
                 train_jobs,
-                train_adapters(self.lm.model, lora, train_jobs, pad, cuda_graphs=cfg.cuda_graphs),
+                train_adapters(
+                    self.lm.model,
+                    lora,
+                    train_jobs,
+                    pad,
+                    cuda_graphs=cfg.cuda_graphs,
+                    max_pass_tokens=self.pass_tokens,
+                ),
                 strict=True,
             ):
                 stats[tj.slot] = st

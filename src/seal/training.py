@@ -316,6 +316,29 @@ def check_jobs(jobs: list[AdapterJob]) -> None:
             raise ValueError(f"adapter job in slot {j.slot} has no training examples")
 
 
+def pass_groups(
+    active: list[int], batches: dict[int, list], max_tokens: int | None, packed: bool
+) -> list[list[int]]:
+    """The adapters taking a step, cut in order into passes of at most `max_tokens` tokens
+    (a pass takes at least one adapter, however long its batch). Packed, a pass's tokens are
+    its sequences' lengths summed; unpacked, its rows times the longest."""
+    if max_tokens is None:
+        return [list(active)]
+    groups: list[list[int]] = []
+    group: list[int] = []
+    lengths: list[int] = []
+    for i in active:
+        more = lengths + [len(ids) for ids, _ in batches[i]]
+        size = sum(more) if packed else len(more) * max(more)
+        if group and size > max_tokens:
+            groups.append(group)
+            group, more = [], [len(ids) for ids, _ in batches[i]]
+        group.append(i)
+        lengths = more
+    groups.append(group)
+    return groups
+
+
 def train_adapters(
     model,
     lora: MultiLoRA,
@@ -324,13 +347,19 @@ def train_adapters(
     progress=None,
     pack: bool | None = None,
     cuda_graphs: bool = False,
+    max_pass_tokens: int | None = None,
 ) -> list[TrainStats]:
     """Train each job's adapter slot; adapters are independent, as if trained one by one.
 
     Slots must have been `reset` by the caller. Each pass trains every unfinished adapter on
     its next batch (packed into one row on a CPU); every adapter's own sequence of batches,
     learning rates and optimizer steps is exactly what it would be alone. Returns per-job loss
-    curves and token counts."""
+    curves and token counts.
+
+    `max_pass_tokens` bounds a pass's activations: a step whose batches hold more tokens
+    (padding included, unpacked) runs as several passes of whole batches, in slot order, and
+    the optimizer steps once after the last (each adapter's gradient is its own batch's
+    either way). Ignored on the CUDA-graph path, whose passes are static."""
     check_jobs(jobs)
     device = next(model.parameters()).device
     if cuda_graphs and device.type == "cuda":
@@ -363,87 +392,103 @@ def train_adapters(
     workspace = CEWorkspace()  # the loss's logits buffers, reused pass after pass
     pass_losses: list[tuple[list[int], torch.Tensor]] = []
     n_jobs = len(jobs)
+
+    def one_pass(group: list[int], batches: dict) -> torch.Tensor:
+        """Forward and backward of the `group` adapters' batches in one pass (the gradients
+        accumulate into their slots); returns each job's mean loss ([n_jobs], 0 outside the
+        group), left on the device."""
+        seqs, owners = [], []
+        for i in group:
+            seqs += batches[i]
+            owners += [i] * len(batches[i])
+        lengths = [len(ids) for ids, _ in seqs]
+        layout = [list(range(len(seqs)))] if pack else [[k] for k in range(len(seqs))]
+        width = max(sum(lengths[k] for k in members) for members in layout)
+        ids = torch.full((len(layout), width), pad_id, dtype=torch.long)
+        pos = torch.zeros((len(layout), width), dtype=torch.long)
+        slots = torch.full((len(layout), width), -1, dtype=torch.long)
+        src, tgt, tok_owner, starts = [], [], [], []
+        for r, members in enumerate(layout):
+            at = 0
+            for k in members:
+                s_ids, s_mask = seqs[k]
+                n = len(s_ids)
+                starts.append(r * width + at)
+                ids[r, at : at + n] = torch.tensor(s_ids)
+                pos[r, at : at + n] = torch.arange(n)
+                slots[r, at : at + n] = jobs[owners[k]].slot
+                # Position p predicts token p + 1 where that token is a loss target.
+                for p in range(n - 1):
+                    if s_mask[p + 1]:
+                        src.append(r * width + at + p)
+                        tgt.append(s_ids[p + 1])
+                        tok_owner.append(owners[k])
+                at += n
+            # The row's padding continues the last sequence's positions: real tokens never
+            # attend to it (causal), and it needs no mask of its own. Unpacked, it goes
+            # through its row's adapter too (its output is never used), so that each
+            # adapter's tokens form one block.
+            pos[r, at:] = torch.arange(pos[r, at - 1] + 1, pos[r, at - 1] + 1 + width - at)
+            if not pack:
+                slots[r, at:] = jobs[owners[members[0]]].slot
+        # Copied without a host sync (see lora.to_device): on a GPU the host goes on queueing
+        # this pass while the last one runs.
+        ids = to_device(ids, device)
+        # Unpacked, every row counts 0, 1, 2, ...: the model's own default positions, which
+        # also spare it looking for packed sequences (a host sync on a GPU).
+        pos = to_device(pos, device) if pack else None
+        src_t = to_device(torch.tensor(src, dtype=torch.long), device)
+        targets = to_device(torch.tensor(tgt, dtype=torch.long), device)
+        owner = to_device(torch.tensor(tok_owner, dtype=torch.long), device)
+        # The route and the sequences stay set through the backward pass: checkpointed layers
+        # rerun their forward there.
+        apart = (
+            packed_attention.segments(
+                packed_attention.Segments(starts, lengths, ids.numel(), device)
+            )
+            if pack
+            else contextlib.nullcontext()
+        )
+        with lora.route(slots.flatten().tolist()), apart:
+            hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+            h = hidden.reshape(-1, hidden.shape[-1])[src_t]
+            # Logits only where the loss is: prompt and padding positions never pay for the
+            # vocabulary projection.
+            tok_loss = linear_cross_entropy(h, head, targets, workspace=workspace)
+            loss_sum = torch.zeros(n_jobs, device=device).index_add(0, owner, tok_loss)
+            n_tok = torch.zeros(n_jobs, device=device).index_add(
+                0, owner, torch.ones_like(tok_loss)
+            )
+            per_job = loss_sum / n_tok.clamp(min=1)
+            # Sum (not mean) over adapters: each adapter's gradient is then exactly the one
+            # it would get alone.
+            per_job.sum().backward()
+        for i in tok_owner:
+            stats[i].tokens += 1
+        for k, i in enumerate(owners):
+            stats[i].input_tokens += lengths[k]
+            stats[i].attention_pairs += lengths[k] * (lengths[k] + 1) // 2
+        return per_job.detach()
+
     # The model stays in eval mode: LoRA dropout is 0 and the base's dropout must stay off.
     try:
         # Layers are checkpointed (if asked) and packed attention installed for the whole
         # run, not set up per pass.
         with checkpointed(decoder, checkpoint), attention:
             while True:
-                # Every adapter with steps left takes its next step in this pass; packed, all
-                # sequences lie end to end in one row, each attending only within itself.
+                # Every adapter with steps left takes its next step in this pass (in several
+                # passes beyond max_pass_tokens); packed, all sequences lie end to end in one
+                # row, each attending only within itself.
                 active = [i for i in range(n_jobs) if done[i] < totals[i]]
                 if not active:
                     break
-                seqs, owners = [], []
+                batches = {}
                 for i in active:
-                    for ex in plans[i][done[i]]:
-                        n = min(len(ex.input_ids), jobs[i].hp.max_seq_len)
-                        seqs.append((ex.input_ids[:n], ex.loss_mask[:n]))
-                        owners.append(i)
-                lengths = [len(ids) for ids, _ in seqs]
-                layout = [list(range(len(seqs)))] if pack else [[k] for k in range(len(seqs))]
-                width = max(sum(lengths[k] for k in members) for members in layout)
-                ids = torch.full((len(layout), width), pad_id, dtype=torch.long)
-                pos = torch.zeros((len(layout), width), dtype=torch.long)
-                slots = torch.full((len(layout), width), -1, dtype=torch.long)
-                src, tgt, tok_owner, starts = [], [], [], []
-                for r, members in enumerate(layout):
-                    at = 0
-                    for k in members:
-                        s_ids, s_mask = seqs[k]
-                        n = len(s_ids)
-                        starts.append(r * width + at)
-                        ids[r, at : at + n] = torch.tensor(s_ids)
-                        pos[r, at : at + n] = torch.arange(n)
-                        slots[r, at : at + n] = jobs[owners[k]].slot
-                        # Position p predicts token p + 1 where that token is a loss target.
-                        for p in range(n - 1):
-                            if s_mask[p + 1]:
-                                src.append(r * width + at + p)
-                                tgt.append(s_ids[p + 1])
-                                tok_owner.append(owners[k])
-                        at += n
-                    # The row's padding continues the last sequence's positions: real tokens
-                    # never attend to it (causal), and it needs no mask of its own. Unpacked,
-                    # it goes through its row's adapter too (its output is never used), so
-                    # that each adapter's tokens form one block.
-                    pos[r, at:] = torch.arange(pos[r, at - 1] + 1, pos[r, at - 1] + 1 + width - at)
-                    if not pack:
-                        slots[r, at:] = jobs[owners[members[0]]].slot
-                # Copied without a host sync (see lora.to_device): on a GPU the host goes on
-                # queueing this pass while the last one runs.
-                ids = to_device(ids, device)
-                # Unpacked, every row counts 0, 1, 2, ...: the model's own default positions,
-                # which also spare it looking for packed sequences (a host sync on a GPU).
-                pos = to_device(pos, device) if pack else None
-                src_t = to_device(torch.tensor(src, dtype=torch.long), device)
-                targets = to_device(torch.tensor(tgt, dtype=torch.long), device)
-                owner = to_device(torch.tensor(tok_owner, dtype=torch.long), device)
-                # The route and the sequences stay set through the backward pass: checkpointed
-                # layers rerun their forward there.
-                apart = (
-                    packed_attention.segments(
-                        packed_attention.Segments(starts, lengths, ids.numel(), device)
-                    )
-                    if pack
-                    else contextlib.nullcontext()
-                )
-                with lora.route(slots.flatten().tolist()), apart:
-                    hidden = decoder(
-                        input_ids=ids, position_ids=pos, use_cache=False
-                    ).last_hidden_state
-                    h = hidden.reshape(-1, hidden.shape[-1])[src_t]
-                    # Logits only where the loss is: prompt and padding positions never pay for
-                    # the vocabulary projection.
-                    tok_loss = linear_cross_entropy(h, head, targets, workspace=workspace)
-                    loss_sum = torch.zeros(n_jobs, device=device).index_add(0, owner, tok_loss)
-                    n_tok = torch.zeros(n_jobs, device=device).index_add(
-                        0, owner, torch.ones_like(tok_loss)
-                    )
-                    per_job = loss_sum / n_tok.clamp(min=1)
-                    # Sum (not mean) over adapters: each adapter's gradient is then exactly the
-                    # one it would get alone.
-                    per_job.sum().backward()
+                    n = jobs[i].hp.max_seq_len
+                    batches[i] = [(ex.input_ids[:n], ex.loss_mask[:n]) for ex in plans[i][done[i]]]
+                groups = pass_groups(active, batches, max_pass_tokens, pack)
+                per_pass = [one_pass(group, batches) for group in groups]
+                step_losses = per_pass[0] if len(per_pass) == 1 else torch.stack(per_pass).sum(0)
                 active_slots = torch.zeros(lora.k, dtype=torch.bool)
                 lrs = torch.zeros(lora.k)
                 for i in active:
@@ -454,15 +499,10 @@ def train_adapters(
                 opt.step(active_slots, lrs)
                 opt.zero_grad()
                 # Losses stay on the device until training ends (no host sync per pass).
-                pass_losses.append((active, per_job.detach()))
+                pass_losses.append((active, step_losses))
                 for i in active:
                     stats[i].steps += 1
                     done[i] += 1
-                for i in tok_owner:
-                    stats[i].tokens += 1
-                for k, i in enumerate(owners):
-                    stats[i].input_tokens += lengths[k]
-                    stats[i].attention_pairs += lengths[k] * (lengths[k] + 1) // 2
                 if progress is not None:
                     progress(sum(done), sum(totals))
     finally:

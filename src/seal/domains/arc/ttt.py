@@ -28,7 +28,7 @@ from typing import Any
 
 from seal.config import ConfigError, _check, f, from_dict
 from seal.generation import SamplingParams, decode, generate
-from seal.inner_loop import InnerLoopConfig, auto_capacity
+from seal.inner_loop import InnerLoopConfig, auto_capacity, pass_token_budget
 from seal.lora import MultiLoRA
 from seal.training import AdapterJob, Example, TrainHP, prompt_completion_example, train_adapters
 
@@ -382,13 +382,15 @@ class ArcInnerLoop:
         generate_fn: GenerateFn = generate,
     ):
         self.lm, self.inner, self.settings, self.generate_fn = lm, inner, settings, generate_fn
-        # A TTT step holds `batch_size` rows of up to max_seq_len tokens per adapter.
+        # A TTT step holds `batch_size` rows of up to max_seq_len tokens per adapter; on a
+        # CPU a step beyond pass_tokens trains in several passes.
+        tokens = min(inner.max_seq_len, 2048) * settings.batch_size
+        spec = inner.lora_spec()
         self.capacity = inner.capacity or auto_capacity(
-            lm.model,
-            inner.lora_spec(),
-            min(inner.max_seq_len, 2048) * settings.batch_size,
-            lm.device,
-            checkpoint=inner.checkpoint,
+            lm.model, spec, tokens, lm.device, checkpoint=inner.checkpoint
+        )
+        self.pass_tokens = pass_token_budget(
+            lm.model, spec, self.capacity, tokens, lm.device, inner.checkpoint
         )
         self.lora: MultiLoRA | None = None
 
@@ -476,7 +478,9 @@ class ArcInnerLoop:
             for i, job in jobs.items():
                 lora.reset(job.slot, requests[i].seed)
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-            stats = train_adapters(self.lm.model, lora, list(jobs.values()), pad)
+            stats = train_adapters(
+                self.lm.model, lora, list(jobs.values()), pad, max_pass_tokens=self.pass_tokens
+            )
             share = (time.time() - t0) / len(jobs)
             for i, st in zip(jobs, stats, strict=True):
                 outcomes[i].steps, outcomes[i].losses = st.steps, st.losses
