@@ -111,3 +111,15 @@ def kill_driver_then_resume(tmp_path: Path, executor: dict) -> dict:
     resumed = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     return outcome(run_dir)
+
+
+def sleep_as_worker(ready: str, seconds: float) -> None:
+    """A worker process that only waits: `exit_with_parent`, then a file at `ready`, then
+    sleep (tests/test_processes.py kills its driver)."""
+    import time
+
+    from seal.executors import exit_with_parent
+
+    exit_with_parent()
+    Path(ready).write_text(str(os.getpid()))
+    time.sleep(seconds)

@@ -6,6 +6,13 @@ give every worker an equal share, and `seal bench` runs seal's mode on workers."
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 from executor_runs import (
@@ -16,6 +23,7 @@ from executor_runs import (
     run,
     run_config,
     run_with_a_killed_worker,
+    sleep_as_worker,
 )
 
 from seal.domains.base import Job
@@ -46,6 +54,52 @@ def test_driver_sigkill_then_resume_from_the_command_line(reference, tmp_path):
     """`python -m seal run` with worker processes (spawned workers import the package, not
     the command line), killed after its first chunk, then resumed: nothing lost or changed."""
     assert kill_driver_then_resume(tmp_path, PROCESSES) == reference
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie left for its new parent to reap counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_exit_with_a_driver_killed_outright(tmp_path):
+    """A driver killed by SIGKILL (no clean-up of its own runs) takes its worker processes
+    with it (`executors.exit_with_parent`, which seal's workers and the bench's per-mode
+    processes call), instead of leaving them computing on."""
+    ready = tmp_path / "ready"
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        textwrap.dedent(
+            f"""
+            import multiprocessing, sys, time
+            sys.path.insert(0, {str(Path(__file__).parent)!r})
+            from executor_runs import {sleep_as_worker.__name__}
+            if __name__ == "__main__":
+                ctx = multiprocessing.get_context("spawn")
+                ctx.Process(target={sleep_as_worker.__name__}, args=({str(ready)!r}, 300)).start()
+                time.sleep(300)
+            """
+        )
+    )
+    proc = subprocess.Popen([sys.executable, str(driver)])
+    try:
+        deadline = time.time() + 120
+        while not ready.exists() or not ready.read_text():
+            assert time.time() < deadline and proc.poll() is None, "the worker never started"
+            time.sleep(0.1)
+        worker = int(ready.read_text())
+        assert _alive(worker)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.time() + 30
+    while _alive(worker) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker)
 
 
 def test_persistent_failure_names_jobs_and_error():

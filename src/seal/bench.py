@@ -497,8 +497,10 @@ def _run_mode_isolated(cfg: BenchConfig, mode: str, jobs: list[KnowledgeJob], pe
 
 
 def _mode_in_fresh_process(cfg: BenchConfig, mode: str, jobs: list, peak: float, threads: int):
+    from seal.executors import exit_with_parent
     from seal.models import load_model
 
+    exit_with_parent()  # a bench killed outright takes its mode's process with it
     torch.set_num_threads(threads)
     lines: list[str] = []
     lm = load_model(cfg.model, cfg.device, cfg.dtype, progress=lambda *_: None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -351,6 +352,27 @@ def balanced_capacity(n_jobs: int, capacity: int, workers: int) -> int:
     return max(1, -(-n_jobs // (workers * rounds)))
 
 
+def exit_with_parent() -> None:
+    """Have this process, started by multiprocessing, receive SIGTERM when the process that
+    started it dies (Linux; elsewhere nothing). Ctrl-C reaches a whole process group, but a
+    driver killed by a signal of its own (`kill PID`, the OOM killer) had left its workers
+    computing on for the rest of their chunk, minutes of both cores. The signal follows the
+    thread that started the process: start workers from a thread that outlives them."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import multiprocessing
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _process_worker(spec: WorkerSpec, threads: int, memory_share: float, conn) -> None:
     """A worker process: builds its worker, then serves the driver's requests ("run", jobs),
     ("update", update) and ("close",) until told to close or the driver goes away. Every
@@ -360,6 +382,7 @@ def _process_worker(spec: WorkerSpec, threads: int, memory_share: float, conn) -
 
     # Ctrl-C reaches the whole process group: the driver decides, and stops its workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with_parent()
     # auto_capacity sizes adapter batches from this process's share of the free memory.
     os.environ["SEAL_MEMORY_SHARE"] = repr(memory_share)
     try:
