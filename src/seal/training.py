@@ -328,11 +328,12 @@ def pass_groups(
     group: list[int] = []
     lengths: list[int] = []
     for i in active:
-        more = lengths + [len(ids) for ids, _ in batches[i]]
+        own = [len(ids) for ids, _ in batches[i]]
+        more = lengths + own
         size = sum(more) if packed else len(more) * max(more)
         if group and size > max_tokens:
             groups.append(group)
-            group, more = [], [len(ids) for ids, _ in batches[i]]
+            group, more = [], own
         group.append(i)
         lengths = more
     groups.append(group)
