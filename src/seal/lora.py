@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from seal import cpu_kernels
 from seal.models import cpu_has_amx
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -207,8 +208,15 @@ class MultiLoRALinear(nn.Module):
             # CPU runs: the base output (a fresh [tokens, out] matrix, not a view) takes each
             # run's low-rank term in place.
             x2 = x.reshape(-1, x.shape[-1])
-            a, b = self._weights(x.dtype)
-            y2 = _RunLoRA.apply(x2, self.base(x2), a, b, self.scaling, route.runs, route.n)
+            if cpu_kernels.usable(x2, self.lora_A, self.lora_B):
+                # AVX512-BF16 on one thread: every run in one native call a direction, the
+                # masters cast inside it (see cpu_kernels).
+                y2 = cpu_kernels.NativeRunLoRA.apply(
+                    x2, self.base(x2), self.lora_A, self.lora_B, self.scaling, route.runs, route.n
+                )
+            else:
+                a, b = self._weights(x.dtype)
+                y2 = _RunLoRA.apply(x2, self.base(x2), a, b, self.scaling, route.runs, route.n)
             return y2.view(*x.shape[:-1], y2.shape[-1])
         if route is None or route.n_groups == 0:
             return self.base(x)
@@ -436,6 +444,8 @@ class MultiLoRA:
             setattr(parent, name, wrapped)
             self.modules.append((parent, name, wrapped))
         self.names = [self._qualname(w) for _, _, w in self.modules]
+        if device.type == "cpu" and next(model.parameters()).dtype == torch.bfloat16:
+            cpu_kernels.run_lora_library()  # built (once per machine) or loaded before any pass
 
     def _qualname(self, module: nn.Module) -> str:
         for n, m in self.model.named_modules():
