@@ -72,7 +72,7 @@ from seal.generation import (
     stop_token_ids,
 )
 from seal.inner_loop import InnerLoop, InnerLoopConfig, KnowledgeJob
-from seal.lora import init_lora_a
+from seal.lora import cpu_training_route, init_lora_a
 from seal.models import DEFAULT_MODEL
 from seal.training import text_example
 
@@ -655,6 +655,8 @@ def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:
         "threads": torch.get_num_threads(),
         # inherited by the modes' own processes and seal's workers (see allocator.py)
         "allocator": allocator.describe(),
+        # seal's workers run one thread each (executors.ProcessExecutor)
+        "lora_route_cpu_worker": cpu_training_route(lm.dtype) if lm.device.type == "cpu" else None,
         "n_self_edits": len(jobs),
         "epochs": cfg.inner_loop.epochs,
         "inner_loop": to_dict(cfg.inner_loop),  # every setting the figures were measured with

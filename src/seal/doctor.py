@@ -39,14 +39,10 @@ def checks(judge_url: str = "", api_key_env: str = "OPENAI_API_KEY") -> list[tup
             if cpu_has_amx():
                 how = "AMX: bf16 is used, LoRA passes take every adapter in one matmul"
             elif cpu_has_fast_bf16():
-                from seal import cpu_kernels
+                from seal.lora import cpu_training_route
 
-                lib = cpu_kernels.run_lora_library()
-                how = "native bf16 (AVX512-BF16): bf16 is used, LoRA passes adapter by adapter " + (
-                    f"in seal's kernels ({lib._name})"
-                    if lib is not None
-                    else "through torch (seal's kernels unavailable, see above)"
-                )
+                route = cpu_training_route(torch.bfloat16)
+                how = f"native bf16 (AVX512-BF16): bf16 is used; a worker's LoRA passes: {route}"
             else:
                 how = "no native bf16 (AVX512-BF16/AMX): fp32 is used, bf16 would be emulated"
             out.append(("device", True, "CPU only; " + how))

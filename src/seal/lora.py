@@ -129,6 +129,16 @@ def _is_cpu(device) -> bool:
     return torch.device(device).type == "cpu"
 
 
+def cpu_training_route(dtype: torch.dtype, threads: int = 1) -> str:
+    """How a CPU training pass in `dtype` on `threads` torch threads computes its adapters'
+    low-rank terms (for `seal doctor` and `seal bench`'s JSON)."""
+    if dtype in DENSE_DTYPES:
+        return "dense: every adapter in one matmul a layer (AMX)"
+    if dtype == torch.bfloat16 and threads == 1 and cpu_kernels.run_lora_library() is not None:
+        return "runs, seal's native AVX512-BF16 kernels"
+    return "runs, torch matmuls"
+
+
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
     """A host tensor on `device` without a host sync: a plain `.to("cuda")` of pageable memory
     waits for the GPU to finish its queued work, so each one per training pass stalls the
