@@ -655,8 +655,7 @@ def run_bench(cfg: BenchConfig, log=print, on_mode=None) -> dict:
         "threads": torch.get_num_threads(),
         # inherited by the modes' own processes and seal's workers (see allocator.py)
         "allocator": allocator.describe(),
-        # seal's workers run one thread each (executors.ProcessExecutor)
-        "lora_route_cpu_worker": cpu_training_route(lm.dtype) if lm.device.type == "cpu" else None,
+        "lora_route_cpu": cpu_training_route(lm.dtype) if lm.device.type == "cpu" else None,
         "n_self_edits": len(jobs),
         "epochs": cfg.inner_loop.epochs,
         "inner_loop": to_dict(cfg.inner_loop),  # every setting the figures were measured with

@@ -3,9 +3,10 @@
 Built on first use with the system's C++ compiler (`$CXX`, else g++ or c++) into the seal cache
 (`models.cache_root()/kernels`, keyed by the source and flags, so an edit rebuilds it) and
 loaded with ctypes: no torch headers, so a build takes ~2 s, not the ~30 s of a torch
-extension. Used only on CPUs with AVX512-BF16, for bf16 passes on one thread (seal's CPU
-workers); anywhere else, or when the build fails (the reason is printed once), or with
-`SEAL_NATIVE=0`, the same products run through torch (`lora._RunLoRA`).
+extension. Used on CPUs with AVX512-BF16 for bf16 passes (the kernels run on one thread: a
+SmolLM2 epoch on two torch threads still took 11.9-14.8 s with them against 14.7-17.6 s through
+torch, docs/benchmarks.md); anywhere else, or when the build fails (the reason is printed
+once), or with `SEAL_NATIVE=0`, the same products run through torch (`lora._RunLoRA`).
 """
 
 from __future__ import annotations
@@ -101,14 +102,13 @@ def run_lora_library() -> ctypes.CDLL | None:
 
 
 def usable(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the kernels can take this layer's pass: bf16 activations on a CPU, one torch
-    thread, fp32 masters, and every dimension a multiple of 16."""
+    """Whether the kernels can take this layer's pass: bf16 activations on a CPU, fp32
+    masters, and every dimension a multiple of 16."""
     return (
         x.dtype == torch.bfloat16
         and x.device.type == "cpu"
         and a.dtype == torch.float32
         and b.dtype == torch.float32
-        and torch.get_num_threads() == 1
         and x.shape[-1] % 16 == 0
         and b.shape[-1] % 16 == 0
         and a.shape[-1] % 16 == 0

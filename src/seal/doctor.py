@@ -42,7 +42,7 @@ def checks(judge_url: str = "", api_key_env: str = "OPENAI_API_KEY") -> list[tup
                 from seal.lora import cpu_training_route
 
                 route = cpu_training_route(torch.bfloat16)
-                how = f"native bf16 (AVX512-BF16): bf16 is used; a worker's LoRA passes: {route}"
+                how = f"native bf16 (AVX512-BF16): bf16 is used; LoRA passes: {route}"
             else:
                 how = "no native bf16 (AVX512-BF16/AMX): fp32 is used, bf16 would be emulated"
             out.append(("device", True, "CPU only; " + how))

@@ -129,12 +129,12 @@ def _is_cpu(device) -> bool:
     return torch.device(device).type == "cpu"
 
 
-def cpu_training_route(dtype: torch.dtype, threads: int = 1) -> str:
-    """How a CPU training pass in `dtype` on `threads` torch threads computes its adapters'
-    low-rank terms (for `seal doctor` and `seal bench`'s JSON)."""
+def cpu_training_route(dtype: torch.dtype) -> str:
+    """How a CPU training pass in `dtype` computes its adapters' low-rank terms (for `seal
+    doctor` and `seal bench`'s JSON)."""
     if dtype in DENSE_DTYPES:
         return "dense: every adapter in one matmul a layer (AMX)"
-    if dtype == torch.bfloat16 and threads == 1 and cpu_kernels.run_lora_library() is not None:
+    if dtype == torch.bfloat16 and cpu_kernels.run_lora_library() is not None:
         return "runs, seal's native AVX512-BF16 kernels"
     return "runs, torch matmuls"
 
@@ -219,8 +219,8 @@ class MultiLoRALinear(nn.Module):
             # run's low-rank term in place.
             x2 = x.reshape(-1, x.shape[-1])
             if cpu_kernels.usable(x2, self.lora_A, self.lora_B):
-                # AVX512-BF16 on one thread: every run in one native call a direction, the
-                # masters cast inside it (see cpu_kernels).
+                # AVX512-BF16: every run in one native call a direction, the masters cast
+                # inside it (see cpu_kernels).
                 y2 = cpu_kernels.NativeRunLoRA.apply(
                     x2, self.base(x2), self.lora_A, self.lora_B, self.scaling, route.runs, route.n
                 )
