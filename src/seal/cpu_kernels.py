@@ -129,6 +129,8 @@ class NativeRunLoRA(torch.autograd.Function):
     def forward(ctx, x, y, a, b, scaling, runs, n_rows):
         lib = run_lora_library()
         x = x.contiguous()
+        if not y.is_contiguous():  # written in place through its pointer
+            raise ValueError("NativeRunLoRA needs a contiguous base output y")
         n_slots, d_in, r = a.shape
         d_out = b.shape[-1]
         t = x.shape[0] // n_rows
